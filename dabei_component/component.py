@@ -1,0 +1,307 @@
+"""The components: `nix-dabei:index:Fleet` (servers sharing one image) and `nix-dabei:index:Host` (one server).
+
+Resource graph of a fleet:
+
+    Fleet
+    |- SshKeys            deploy key + one generated host key per host (secret outputs)
+    |- hcloud.SshKey      the deploy key, so rescue accepts it
+    |- Image              nix build, compressed and hashed once
+    |- Host (per server)
+    |  `- hcloud.Server   placeholder OS; image, keys and user data ignored after creation
+    |- Rescue             all hosts at once: rescue + reset, rescue host key pinned
+    |- Install            all hosts at once: stream image, verify, write seed, boot from disk
+    `- FirstBoot          all hosts at once: strict host key, boot id changed, converged
+
+The three host steps take the whole fleet in one call each (see `steps/base.py` for why).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pulumi
+import pulumi_command as command
+import pulumi_hcloud as hcloud
+
+from . import validation
+from .keys import known_hosts_line
+from .steps.firstboot import FirstBoot
+from .steps.image import Image
+from .steps.install import Install
+from .steps.keys import SshKeys
+from .steps.rescue import Rescue
+
+DEFAULT_PLACEHOLDER_IMAGE = "debian-12"
+
+
+@dataclass
+class Deadlines:
+    """Seconds each step may take for the whole fleet. Dynamic providers ignore CustomTimeouts."""
+
+    rescue: float = 900
+    install: float = 1800
+    firstboot: float = 1800
+
+
+@dataclass
+class ImageArgs:
+    """The disk image: a flake output that builds a raw NixOS-on-ZFS image (see nix/README.md)."""
+
+    flake: str
+    attr: str = "packages.x86_64-linux.image"
+    nix_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class HostArgs:
+    name: str
+    server_type: str
+    location: str
+    flake: str  # the host runs `nixos-rebuild switch --flake <flake>#<name>`
+    ssh_keys: list[str] = field(default_factory=list)  # Hetzner SSH key names or OpenSSH public keys
+    labels: dict[str, str] = field(default_factory=dict)
+    firewall_ids: list[int] = field(default_factory=list)
+    disk: str = "/dev/sda"
+    reinstall: str = "on-image-change"  # or "never": a new image then only shows in the preview
+
+
+@dataclass
+class FleetArgs:
+    hosts: list[HostArgs]
+    image: ImageArgs
+    deadlines: Deadlines = field(default_factory=Deadlines)
+    placeholder_image: str = DEFAULT_PLACEHOLDER_IMAGE
+    ssh_port: int = 22  # only for the local simulator; Hetzner's rescue listens on 22
+
+
+class InvalidArgs(ValueError):
+    def __init__(self, problems: list[validation.Problem]) -> None:
+        super().__init__("invalid nix-dabei arguments:\n" + "\n".join(f"  {p}: {r}" for p, r in problems))
+        self.problems = problems
+
+
+def validate(args: FleetArgs) -> list[validation.Problem]:
+    problems: list[validation.Problem] = []
+    if not isinstance(args.hosts, list) or not args.hosts:
+        return [("hosts", "expected a non-empty list of hosts")]
+    seen: set[str] = set()
+    for i, host in enumerate(args.hosts):
+        p = f"hosts[{i}]"
+        problems += validation.hostname(f"{p}.name", host.name)
+        if host.name in seen:
+            problems.append((f"{p}.name", f"duplicate host name {host.name!r}: every host needs its own name"))
+        seen.add(host.name)
+        problems += validation.name(f"{p}.server_type", host.server_type, "server type")
+        problems += validation.name(f"{p}.location", host.location, "location")
+        problems += validation.flake_ref(f"{p}.flake", host.flake)
+        problems += validation.ssh_keys(f"{p}.ssh_keys", host.ssh_keys)
+        problems += validation.labels(f"{p}.labels", host.labels)
+        problems += validation.firewall_ids(f"{p}.firewall_ids", host.firewall_ids)
+        problems += validation.disk(f"{p}.disk", host.disk)
+        problems += validation.reinstall(f"{p}.reinstall", host.reinstall)
+    problems += validation.flake_ref("image.flake", args.image.flake)
+    for step in ("rescue", "install", "firstboot"):
+        problems += validation.positive_seconds(f"deadlines.{step}", getattr(args.deadlines, step))
+    return problems
+
+
+def _with_results(
+    hosts: pulumi.Output[dict[str, dict[str, Any]]], results: pulumi.Output[dict[str, Any]], fields: tuple[str, ...]
+) -> pulumi.Output[dict[str, dict[str, Any]]]:
+    """Each host's program inputs plus the named results of the step before."""
+    return pulumi.Output.all(hosts, results).apply(
+        lambda a: {n: {**h, **{f: (a[1].get(n) or {}).get(f) for f in fields}} for n, h in a[0].items()}
+    )
+
+
+def _is_public_key(key: str) -> bool:
+    return " " in key.strip()
+
+
+class Host(pulumi.ComponentResource):
+    """One server of a fleet: the hcloud server and what the component proved about it."""
+
+    ipv4: pulumi.Output[str]
+    ipv6: pulumi.Output[str]
+    known_hosts: pulumi.Output[str]
+    system: pulumi.Output[str]
+    connection: pulumi.Output[Any]
+
+    def __init__(
+        self,
+        name: str,
+        args: HostArgs,
+        *,
+        placeholder_image: str,
+        authorized_key_names: list[str],
+        opts: pulumi.ResourceOptions | None = None,
+    ) -> None:
+        super().__init__("nix-dabei:index:Host", name, None, opts)
+        self.args = args
+        self.server = hcloud.Server(
+            name,
+            name=args.name,
+            server_type=args.server_type,
+            location=args.location,
+            image=placeholder_image,
+            labels=args.labels,
+            firewall_ids=[int(f) for f in args.firewall_ids],
+            ssh_keys=authorized_key_names,
+            opts=pulumi.ResourceOptions(
+                parent=self,
+                # The OS on the disk is ours after installation: changing the placeholder image or the
+                # keys (which pulumi-hcloud would do by replacing the server) must never replace it.
+                ignore_changes=["image", "sshKeys", "userData"],
+            ),
+        )
+        self.ipv4 = self.server.ipv4_address
+        self.ipv6 = self.server.ipv6_address
+
+    def finish(
+        self, first_boot: FirstBoot, host_public_key: pulumi.Output[str], deploy_key: pulumi.Output[str], ssh_port: int
+    ) -> None:
+        name = self.args.name
+        self.system = first_boot.hosts.apply(lambda hosts: hosts[name].get("system"))
+        self.known_hosts = pulumi.Output.all(self.ipv4, host_public_key).apply(
+            lambda a: known_hosts_line(a[0], a[1], port=ssh_port)
+        )
+        # Chain `command.remote.Command` steps on this: host-key checking stays on.
+        self.connection = pulumi.Output.secret(
+            pulumi.Output.all(self.ipv4, host_public_key, deploy_key, self.system).apply(
+                lambda a: {"host": a[0], "port": ssh_port, "user": "root", "host_key": a[1], "private_key": a[2]}
+            )
+        )
+        self.register_outputs(
+            {"ipv4": self.ipv4, "ipv6": self.ipv6, "known_hosts": self.known_hosts, "system": self.system}
+        )
+
+    def connection_args(self) -> command.remote.ConnectionArgs:
+        return command.remote.ConnectionArgs(
+            host=self.connection.apply(lambda c: c["host"]),
+            port=self.connection.apply(lambda c: c["port"]),
+            user="root",
+            host_key=self.connection.apply(lambda c: c["host_key"]),
+            private_key=self.connection.apply(lambda c: c["private_key"]),
+        )
+
+
+class Fleet(pulumi.ComponentResource):
+    """Servers that share one image: built once, written to every host, each converged on its flake."""
+
+    hosts: dict[str, Host]
+
+    def __init__(self, name: str, args: FleetArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        problems = validate(args)
+        if problems:
+            raise InvalidArgs(problems)
+        super().__init__("nix-dabei:index:Fleet", name, None, opts)
+        child = pulumi.ResourceOptions(parent=self)
+        names = [h.name for h in args.hosts]
+
+        self.keys = SshKeys(f"{name}-keys", host_names=names, opts=child)
+        self.deploy_key = hcloud.SshKey(f"{name}-deploy", public_key=self.keys.deploy_public_key, opts=child)
+        self.image = Image(
+            f"{name}-image", flake=args.image.flake, attr=args.image.attr, nix_args=args.image.nix_args, opts=child
+        )
+
+        user_keys: dict[str, hcloud.SshKey] = {}
+        self.hosts = {}
+        for host in args.hosts:
+            key_names = []
+            for key in host.ssh_keys:
+                if _is_public_key(key):
+                    if key not in user_keys:
+                        user_keys[key] = hcloud.SshKey(f"{name}-user-{len(user_keys)}", public_key=key, opts=child)
+                    key_names.append(user_keys[key].name)
+                else:
+                    key_names.append(key)
+            self.hosts[host.name] = Host(
+                f"{name}-{host.name}",
+                host,
+                placeholder_image=args.placeholder_image,
+                authorized_key_names=key_names,
+                opts=child,
+            )
+
+        authorized = self._authorized_keys(args, user_keys)
+        # What the program says about each host. Every step gets these directly (not through the step
+        # before it), so a step that has nothing to do never hands stale inputs downstream.
+        host_inputs: pulumi.Output[dict[str, dict[str, Any]]] = pulumi.Output.from_input(
+            {
+                h.name: {
+                    "server_id": self.hosts[h.name].server.id.apply(int),
+                    "ipv4": self.hosts[h.name].ipv4,
+                    "image": self.image.out_path,
+                    "reinstall": h.reinstall,
+                    "disk": h.disk,
+                    "flake": h.flake,
+                    "hostname": h.name,
+                    "host_public_key": self.keys.host_public_keys.apply(lambda k, n=h.name: k[n]),
+                    "authorized_keys": authorized[h.name],
+                }
+                for h in args.hosts
+            }
+        )
+        rescue_keys = [self.deploy_key.id.apply(int)]
+        self.rescue = Rescue(
+            f"{name}-rescue",
+            hosts=host_inputs,
+            rescue_ssh_key_ids=rescue_keys,
+            deploy_private_key=self.keys.deploy_private_key,
+            deadline_seconds=args.deadlines.rescue,
+            opts=child,
+        )
+        image_outputs = pulumi.Output.all(
+            flake=self.image.flake,
+            attr=self.image.attr,
+            nix_args=self.image.nix_args,
+            cache_dir=self.image.cache_dir,
+            out_path=self.image.out_path,
+            seed_size=self.image.seed_size,
+        )
+        self.install = Install(
+            f"{name}-install",
+            hosts=_with_results(host_inputs, self.rescue.hosts, ("rescue_host_key", "rescue_boot_id")),
+            image=image_outputs,
+            rescue_ssh_key_ids=rescue_keys,
+            deploy_private_key=self.keys.deploy_private_key,
+            host_private_keys=self.keys.host_private_keys,
+            deadline_seconds=args.deadlines.install,
+            opts=child,
+        )
+        self.first_boot = FirstBoot(
+            f"{name}-firstboot",
+            hosts=_with_results(host_inputs, self.install.hosts, ("installed_image", "rescue_boot_id")),
+            deploy_private_key=self.keys.deploy_private_key,
+            deadline_seconds=args.deadlines.firstboot,
+            opts=child,
+        )
+        for h in args.hosts:
+            self.hosts[h.name].finish(
+                self.first_boot,
+                self.keys.host_public_keys.apply(lambda k, n=h.name: k[n]),
+                self.keys.deploy_private_key,
+                args.ssh_port,
+            )
+        self.register_outputs(
+            {
+                "image": self.image.out_path,
+                "hosts": {n: {"ipv4": h.ipv4, "system": h.system} for n, h in self.hosts.items()},
+            }
+        )
+
+    def _authorized_keys(
+        self, args: FleetArgs, user_keys: dict[str, hcloud.SshKey]
+    ) -> dict[str, pulumi.Output[list[str]]]:
+        """Root's keys on the installed host: the deploy key and each user key, one key per entry."""
+        result = {}
+        for host in args.hosts:
+            keys: list[pulumi.Input[str]] = [self.keys.deploy_public_key]
+            for key in host.ssh_keys:
+                if _is_public_key(key):
+                    keys.append(key.strip())
+                else:
+                    keys.append(hcloud.get_ssh_key_output(name=key).public_key)
+            result[host.name] = pulumi.Output.all(*keys).apply(list)
+        return result

@@ -1,0 +1,245 @@
+"""What every step shares: one provider call acts on a whole map of hosts at once.
+
+The dynamic provider server runs at most four calls at a time and each step blocks for minutes, so a step
+that took one host per call would queue a fleet behind four hosts. Instead each step resource carries the
+map `hosts: {name: {...}}` and works on all of them concurrently inside one call. `update` reconciles: it
+acts only on hosts whose inputs changed (or that are new) and keeps the others' outputs as they were.
+
+A host that fails does not stop the others: the call finishes every host, then raises one error that names
+each failed host. Steps are idempotent by observation (they look at the host before acting), so running
+`pulumi up` again after a failure finishes the job without redoing what is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import pulumi
+from pulumi.dynamic import (
+    CheckFailure,
+    CheckResult,
+    ConfigureRequest,
+    CreateResult,
+    DiffResult,
+    ReadResult,
+    ResourceProvider,
+    UpdateResult,
+)
+
+from ..settings import ProviderSettings
+
+# The value of a property that is not known yet at preview (an output of a resource still to be created).
+UNKNOWN = "04da6b54-80e4-46f7-96ec-b56ff0331ba9"
+
+
+class HostError(Exception):
+    """One host could not complete the step; the text is safe to show (no secrets)."""
+
+
+class StepError(Exception):
+    def __init__(self, step: str, failures: Mapping[str, str], total: int) -> None:
+        lines = [f"{step} failed on {len(failures)} of {total} host(s):"]
+        lines += [f"  {name}: {reason}" for name, reason in sorted(failures.items())]
+        super().__init__("\n".join(lines))
+        self.failures = dict(failures)
+
+
+@dataclass
+class HostContext:
+    """What a step knows while it works on one host."""
+
+    name: str
+    step: str
+    deadline: float  # time.monotonic() based, the event loop's clock
+    old: Mapping[str, Any] | None = None  # this host's previous outputs; None when the resource is created
+
+    def log(self, message: str) -> None:
+        pulumi.log.info(f"[{self.name}] {self.step}: {message}")
+
+    def remaining(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+
+def is_unknown(value: Any) -> bool:
+    if value == UNKNOWN:
+        return True
+    if isinstance(value, Mapping):
+        return any(is_unknown(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(is_unknown(v) for v in value)
+    return False
+
+
+def secret_options(provider: type[FleetStep], opts: pulumi.ResourceOptions | None) -> pulumi.ResourceOptions:
+    """The resource options of a step, with its secret inputs marked secret as outputs too."""
+    secret = pulumi.ResourceOptions(additional_secret_outputs=list(provider.secret_inputs))
+    return pulumi.ResourceOptions.merge(opts, secret)
+
+
+def as_int(value: Any) -> int:
+    """State hands integers back as floats."""
+    return int(value)
+
+
+class FleetStep(ResourceProvider):
+    """Base of the step providers. Subclasses set the class attributes and implement `apply_host`."""
+
+    step: ClassVar[str]
+    # Per-host input fields whose change means the host needs this step again.
+    host_fields: ClassVar[tuple[str, ...]]
+    # Top-level inputs that hold secrets. They are echoed into outputs (refresh needs them) only as
+    # secret outputs: see `secret_options`.
+    secret_inputs: ClassVar[tuple[str, ...]] = ()
+    # Top-level inputs whose change means every host needs this step again.
+    shared_fields: ClassVar[tuple[str, ...]] = ()
+
+    settings: ProviderSettings | None = None
+
+    def configure(self, req: ConfigureRequest) -> None:
+        self.settings = ProviderSettings.from_config(req.config)
+
+    # -- what subclasses provide -------------------------------------------------------------------
+
+    def check_inputs(self, news: dict[str, Any]) -> list[CheckFailure]:
+        return []
+
+    async def apply_host(self, ctx: HostContext, host: dict[str, Any], props: dict[str, Any]) -> dict[str, Any]:
+        """Bring one host to this step's goal; return the host's outputs (merged over its inputs)."""
+        raise NotImplementedError
+
+    def wants_action(self, name: str, old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
+        """Whether `update` must act on this host. Subclasses refine (the reinstall policy, for one)."""
+        if old is None:
+            return True
+        return any(old.get(f) != new.get(f) for f in self.host_fields)
+
+    def read_host(self, ctx: HostContext, host: dict[str, Any], props: dict[str, Any]) -> Awaitable[dict[str, Any]]:
+        """What `pulumi refresh` reports for one host; by default the recorded outputs."""
+
+        async def recorded() -> dict[str, Any]:
+            return host
+
+        return recorded()
+
+    # -- the Pulumi provider protocol --------------------------------------------------------------
+
+    def check(self, olds: dict[str, Any], news: dict[str, Any]) -> CheckResult:
+        hosts = news.get("hosts")
+        failures: list[CheckFailure] = []
+        if not isinstance(hosts, Mapping) and not is_unknown(hosts):
+            failures.append(CheckFailure("hosts", "expected a map of host name to host settings"))
+        deadline = news.get("deadline_seconds")
+        if not is_unknown(deadline) and (
+            not isinstance(deadline, int | float) or isinstance(deadline, bool) or deadline <= 0
+        ):
+            failures.append(CheckFailure("deadline_seconds", f"expected a positive number, got {deadline!r}"))
+        if not failures:
+            failures += self.check_inputs(news)
+        return CheckResult(news, failures)
+
+    def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
+        old_hosts = olds.get("hosts") or {}
+        new_hosts = news.get("hosts")
+        if is_unknown(new_hosts) or any(is_unknown(news.get(f)) for f in self.shared_fields):
+            return DiffResult(changes=True, replaces=[], delete_before_replace=False)
+        changed = set(old_hosts) != set(new_hosts)
+        changed = changed or any(olds.get(f) != news.get(f) for f in self.shared_fields)
+        for name, new in new_hosts.items():
+            old = old_hosts.get(name)
+            if old is None or any(is_unknown(new.get(f)) or old.get(f) != new.get(f) for f in self.host_fields):
+                changed = True
+        return DiffResult(changes=changed, replaces=[], delete_before_replace=False)
+
+    def create(self, props: dict[str, Any]) -> CreateResult:
+        hosts = dict(props["hosts"])
+        results = self._run(props, hosts, list(hosts))
+        return CreateResult(f"{self.step}-{uuid.uuid4().hex[:12]}", self._outputs(props, results))
+
+    def update(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
+        old_hosts: Mapping[str, Any] = olds.get("hosts") or {}
+        hosts = dict(news["hosts"])
+        shared_changed = any(olds.get(f) != news.get(f) for f in self.shared_fields)
+        todo = [n for n, h in hosts.items() if shared_changed or self.wants_action(n, old_hosts.get(n), h)]
+        results = self._run(news, hosts, todo, old_hosts)
+        for name in hosts:
+            if name not in todo:
+                results[name] = self.keep(old_hosts[name], hosts[name])
+        return UpdateResult(self._outputs(news, results))
+
+    def keep(self, old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+        """Outputs of a host that `update` left alone: its new inputs over what it recorded, except the
+        fields that would have made it act (a reinstall held back by policy): those keep their recorded
+        values, so the preview keeps showing the pending change."""
+        return {**old, **new, **{f: old[f] for f in self.host_fields if f in old}}
+
+    def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
+        hosts = dict(props.get("hosts") or {})
+
+        async def one(ctx: HostContext, host: dict[str, Any]) -> dict[str, Any]:
+            return await self.read_host(ctx, host, props)
+
+        results = self._gather(props, hosts, list(hosts), one, hosts)
+        return ReadResult(id_, self._outputs(props, results))
+
+    def delete(self, _id: str, _props: dict[str, Any]) -> None:
+        # Steps own nothing that outlives the server: deleting the server (pulumi-hcloud) ends it all.
+        return None
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def _outputs(self, props: Mapping[str, Any], hosts: Mapping[str, Any]) -> dict[str, Any]:
+        outs = {k: v for k, v in props.items() if k != "__provider"}
+        outs["hosts"] = {name: hosts[name] for name in sorted(hosts)}
+        return outs
+
+    def _run(
+        self,
+        props: dict[str, Any],
+        hosts: dict[str, Any],
+        todo: list[str],
+        olds: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        async def one(ctx: HostContext, host: dict[str, Any]) -> dict[str, Any]:
+            return {**host, **await self.apply_host(ctx, host, props)}
+
+        return self._gather(props, hosts, todo, one, olds or {})
+
+    def _gather(
+        self,
+        props: dict[str, Any],
+        hosts: dict[str, Any],
+        todo: list[str],
+        fn: Callable[[HostContext, dict[str, Any]], Awaitable[dict[str, Any]]],
+        olds: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        if not todo:
+            return {}
+        deadline = time.monotonic() + float(props.get("deadline_seconds") or 1800)
+
+        async def guarded(name: str) -> tuple[str, dict[str, Any] | None, str | None]:
+            ctx = HostContext(name=name, step=self.step, deadline=deadline, old=(olds or {}).get(name))
+            try:
+                result = await asyncio.wait_for(fn(ctx, dict(hosts[name])), timeout=ctx.remaining() + 5)
+                return name, result, None
+            except TimeoutError:
+                return name, None, f"not done within the step's deadline of {props.get('deadline_seconds')} s"
+            except HostError as exc:
+                return name, None, str(exc)
+            except Exception as exc:  # a bug or an unexpected failure: still name the host
+                return name, None, f"{type(exc).__name__}: {exc}"
+
+        async def all_hosts() -> list[tuple[str, dict[str, Any] | None, str | None]]:
+            return await asyncio.gather(*(guarded(n) for n in todo))
+
+        outcome = asyncio.run(all_hosts())
+        failures = {name: err for name, _, err in outcome if err is not None}
+        if failures:
+            for name, err in sorted(failures.items()):
+                pulumi.log.error(f"[{name}] {self.step}: {err}")
+            raise StepError(self.step, failures, len(todo))
+        return {name: result for name, result, _ in outcome if result is not None}
