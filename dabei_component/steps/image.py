@@ -7,6 +7,7 @@ decides everything downstream: the cache key, what each host has installed, whet
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import uuid
@@ -24,16 +25,15 @@ from pulumi.dynamic import (
     UpdateResult,
 )
 
-from ..imaging import PreparedImage, build_image, default_cache_dir, prepare_image
+from ..imaging import NIX_FEATURES, ImageError, PreparedImage, build_image, find_image_file, prepare_image
 from .base import is_unknown
 
 _FLAKE_REF = re.compile(r"^[A-Za-z0-9+._~:/?=&%@-]+$")
 _ATTR_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_'-]*(\.[A-Za-z_\"][A-Za-z0-9_'.\"-]*)*$")
-NIX_FLAGS = ("--extra-experimental-features", "nix-command flakes")
 
 
 def _nix_eval_out_path(flake: str, attr: str, nix_args: list[str]) -> str:
-    cmd = ["nix", *NIX_FLAGS, *nix_args, "eval", "--raw", f"{flake}#{attr}.outPath"]
+    cmd = ["nix", *NIX_FEATURES, "eval", "--raw", *nix_args, f"{flake}#{attr}.outPath"]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     except FileNotFoundError:
@@ -42,6 +42,12 @@ def _nix_eval_out_path(flake: str, attr: str, nix_args: list[str]) -> str:
         tail = "\n".join(done.stderr.strip().splitlines()[-5:])
         raise ValueError(f"cannot evaluate {flake}#{attr}: {tail}")
     return done.stdout.strip()
+
+
+def default_cache_dir() -> Path:
+    """Where compressed images are kept between runs, keyed by store path."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "nix-dabei" / "images"
 
 
 def check_image_inputs(news: dict[str, Any]) -> list[CheckFailure]:
@@ -64,7 +70,7 @@ def ensure_prepared(image: dict[str, Any]) -> PreparedImage:
     built = image["out_path"]
     if not Path(built).exists():
         built = build_image(image["flake"], image["attr"], nix_args=image.get("nix_args") or [])
-    return prepare_image(built, cache_dir)
+    return prepare_image(find_image_file(built), cache_dir)
 
 
 class ImageProvider(ResourceProvider):
@@ -90,15 +96,18 @@ class ImageProvider(ResourceProvider):
     def _build(self, props: dict[str, Any]) -> dict[str, Any]:
         nix_args = props.get("nix_args") or []
         pulumi.log.info(f"image: building {props['flake']}#{props['attr']}")
-        out_path = build_image(props["flake"], props["attr"], nix_args=nix_args)
         cache_dir = Path(props.get("cache_dir") or default_cache_dir())
-        prepared = prepare_image(out_path, cache_dir)
+        try:
+            out_path = build_image(props["flake"], props["attr"], nix_args=nix_args)
+            prepared = prepare_image(find_image_file(out_path), cache_dir)
+        except ImageError as exc:
+            raise ImageError(f"image {props['flake']}#{props['attr']}: {exc}") from None
         pulumi.log.info(f"image: {out_path}: {prepared.raw_size} bytes, {prepared.compressed_size} compressed (zstd)")
         return {
             **{k: v for k, v in props.items() if k != "__provider"},
             "out_path": out_path,
             "cache_dir": str(cache_dir),
-            **prepared.as_outputs(),
+            **prepared.to_json(),
         }
 
     def create(self, props: dict[str, Any]) -> CreateResult:

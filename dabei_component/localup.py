@@ -1,0 +1,168 @@
+"""`pulumi up` without the Pulumi CLI: a minimal engine for the demo and the end-to-end tests.
+
+The Pulumi program (the real components) runs under Pulumi's mock monitor. Each resource registration
+is carried out for real: dynamic resources go through the real provider server over gRPC (Check, then
+Create, or Diff and Update against the recorded state), hcloud resources go to a Hetzner Cloud API through
+the official `hcloud` library, standing in for pulumi-hcloud. The state is kept between runs, so a second
+`up` with changed inputs exercises the update paths exactly as the engine would.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pulumi
+from hcloud import Client
+from hcloud.images import Image as HImage
+from hcloud.locations import Location
+from hcloud.server_types import ServerType
+from hcloud.ssh_keys import SSHKey
+from pulumi.runtime import mocks as pulumi_mocks
+
+from .provider_server import ProviderServer
+
+DYNAMIC = "pulumi-python:dynamic:Resource"
+HCLOUD_SERVER = "hcloud:index/server:Server"
+HCLOUD_SSH_KEY = "hcloud:index/sshKey:SshKey"
+HCLOUD_GET_SSH_KEY = "hcloud:index/getSshKey:getSshKey"
+
+
+class UpFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class Recorded:
+    id: str
+    inputs: dict[str, Any]
+    outputs: dict[str, Any]
+
+
+@dataclass
+class LocalEngine(pulumi_mocks.Mocks):
+    server: ProviderServer
+    hcloud: Client
+    state: dict[str, Recorded] = field(default_factory=dict)
+    # What happened to each resource in the last run: created, updated, same.
+    operations: dict[str, str] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+
+    # -- Mocks protocol --------------------------------------------------------------------------------
+
+    def new_resource(self, args: pulumi_mocks.MockResourceArgs) -> tuple[str | None, dict[str, Any]]:
+        key = f"{args.typ}::{args.name}"
+        try:
+            if args.typ == DYNAMIC:
+                return self._dynamic(key, args.inputs)
+            if args.typ == HCLOUD_SERVER:
+                return self._server(key, args.inputs)
+            if args.typ == HCLOUD_SSH_KEY:
+                return self._ssh_key(key, args.inputs)
+            return f"{args.name}-id", dict(args.inputs)  # components
+        except Exception as exc:
+            self.errors.append(f"{args.name}: {exc}")
+            raise
+
+    def call(self, args: pulumi_mocks.MockCallArgs) -> tuple[dict[str, Any], list[tuple[str, str]] | None]:
+        if args.token == HCLOUD_GET_SSH_KEY:
+            key = self.hcloud.ssh_keys.get_by_name(args.args["name"])
+            if key is None:
+                raise UpFailed(f"SSH key {args.args['name']!r} does not exist")
+            return {"id": key.id, "name": key.name, "publicKey": key.public_key, "fingerprint": key.fingerprint}, None
+        raise UpFailed(f"unsupported invoke {args.token}")
+
+    # -- resources -------------------------------------------------------------------------------------
+
+    def _dynamic(self, key: str, inputs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        urn = f"urn:pulumi:local::nix-dabei::{key}"
+        old = self.state.get(key)
+        checked = self.server.check(urn, old.inputs if old else {}, inputs)
+        if checked.failures:
+            raise UpFailed("; ".join(f"{p}: {r}" for p, r in checked.failures))
+        if old is None:
+            id_, outs = self.server.create(urn, checked.inputs)
+            self._record(key, Recorded(id_, checked.inputs, outs), "created")
+            return id_, outs
+        if not self.server.diff(urn, old.id, old.outputs, checked.inputs):
+            self._record(key, Recorded(old.id, checked.inputs, old.outputs), "same")
+            return old.id, old.outputs
+        outs = self.server.update(urn, old.id, old.outputs, checked.inputs)
+        self._record(key, Recorded(old.id, checked.inputs, outs), "updated")
+        return old.id, outs
+
+    def _server(self, key: str, inputs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        old = self.state.get(key)
+        if old is None:
+            keys = [SSHKey(name=k) if not str(k).isdigit() else SSHKey(id=int(k)) for k in inputs.get("sshKeys", [])]
+            resp = self.hcloud.servers.create(
+                name=inputs["name"],
+                server_type=ServerType(name=inputs["serverType"]),
+                image=HImage(name=inputs["image"]),
+                location=Location(name=inputs["location"]),
+                labels=inputs.get("labels") or {},
+                ssh_keys=keys,
+            )
+            resp.action.wait_until_finished()
+            server = self.hcloud.servers.get_by_id(resp.server.id)
+            op = "created"
+        else:
+            server = self.hcloud.servers.get_by_id(int(old.id))
+            labels = inputs.get("labels") or {}
+            op = "same"
+            if labels != server.labels:
+                server = server.update(labels=labels)
+                server = self.hcloud.servers.get_by_id(int(old.id))
+                op = "updated"
+        outs = {
+            **inputs,
+            "ipv4Address": server.public_net.ipv4.ip,
+            "ipv6Address": server.public_net.ipv6.ip,
+            "status": server.status,
+        }
+        self._record(key, Recorded(str(server.id), inputs, outs), op)
+        return str(server.id), outs
+
+    def _ssh_key(self, key: str, inputs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        old = self.state.get(key)
+        if old is not None and old.inputs.get("publicKey") == inputs.get("publicKey"):
+            self._record(key, old, "same")
+            return old.id, old.outputs
+        name = inputs.get("name") or key.rsplit("::", 1)[-1]
+        created = self.hcloud.ssh_keys.create(name=name, public_key=inputs["publicKey"])
+        outs = {**inputs, "name": created.name, "fingerprint": created.fingerprint}
+        self._record(key, Recorded(str(created.id), inputs, outs), "created")
+        return str(created.id), outs
+
+    def _record(self, key: str, rec: Recorded, op: str) -> None:
+        with self._lock:
+            self.state[key] = rec
+            self.operations[key] = op
+
+    # -- running a program -----------------------------------------------------------------------------
+
+    def up(self, program: Callable[[], Any], *, project: str = "nix-dabei", stack: str = "local") -> Any:
+        """Run `program` (declares resources, returns outputs) to completion; returns its resolved outputs."""
+        self.operations = {}
+        self.errors = []
+        pulumi.runtime.set_mocks(self, project=project, stack=stack, preview=False)
+        result: dict[str, Any] = {}
+
+        @pulumi.runtime.test
+        def run() -> pulumi.Output[Any]:
+            out = pulumi.Output.from_input(program())
+            return out.apply(lambda v: result.setdefault("value", v))
+
+        try:
+            run()
+        except Exception as exc:
+            detail = "\n".join(self.errors) or str(exc)
+            raise UpFailed(detail) from None
+        if self.errors:
+            raise UpFailed("\n".join(self.errors))
+        return result.get("value")
