@@ -80,11 +80,11 @@ def fixture_image_attr() -> str:
     return f"packages.{arch}.default"
 
 
-def demo_args(servers: int, flake: str = DEMO_FLAKE, ssh_port: int = 22) -> FleetArgs:
+def demo_args(servers: int, flake: str = DEMO_FLAKE, ssh_port: int = 22, prefix: str = "demo") -> FleetArgs:
     return FleetArgs(
         hosts=[
             HostArgs(
-                name=f"demo-{i}",
+                name=f"{prefix}-{i}",
                 server_type="cx22",
                 location=("fsn1", "nbg1", "hel1")[i % 3],
                 flake=flake,

@@ -9,6 +9,7 @@ the official `hcloud` library, standing in for pulumi-hcloud. The state is kept 
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from hcloud.locations import Location
 from hcloud.server_types import ServerType
 from hcloud.ssh_keys import SSHKey
 from pulumi.runtime import mocks as pulumi_mocks
+from pulumi.runtime import rpc
 
 from .provider_server import ProviderServer
 
@@ -32,6 +34,15 @@ HCLOUD_GET_SSH_KEY = "hcloud:index/getSshKey:getSshKey"
 
 class UpFailed(RuntimeError):
     pass
+
+
+def _unwrap_secrets(value: Any) -> Any:
+    value = rpc.unwrap_rpc_secret(value)
+    if isinstance(value, dict):
+        return {k: _unwrap_secrets(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unwrap_secrets(v) for v in value]
+    return value
 
 
 @dataclass
@@ -59,7 +70,8 @@ class LocalEngine(pulumi_mocks.Mocks):
         key = f"{args.typ}::{args.name}"
         try:
             if args.typ == DYNAMIC:
-                return self._dynamic(key, args.inputs)
+                # The engine strips secret wrappers for providers that do not accept secrets.
+                return self._dynamic(key, _unwrap_secrets(args.inputs))
             if args.typ == HCLOUD_SERVER:
                 return self._server(key, args.inputs)
             if args.typ == HCLOUD_SSH_KEY:
@@ -150,6 +162,7 @@ class LocalEngine(pulumi_mocks.Mocks):
         """Run `program` (declares resources, returns outputs) to completion; returns its resolved outputs."""
         self.operations = {}
         self.errors = []
+        asyncio.set_event_loop(asyncio.new_event_loop())
         pulumi.runtime.set_mocks(self, project=project, stack=stack, preview=False)
         result: dict[str, Any] = {}
 

@@ -102,7 +102,12 @@ class ProviderServer:
 
     @staticmethod
     def _struct(props: Mapping[str, Any]) -> Any:
-        return asyncio.run(rpc.serialize_properties(dict(props), {}))
+        # A private loop: asyncio.run would unset the calling thread's loop, which Pulumi's runtime uses.
+        loop = asyncio.new_event_loop()
+        try:
+            return loop.run_until_complete(rpc.serialize_properties(dict(props), {}))
+        finally:
+            loop.close()
 
     @staticmethod
     def _dict(struct: Any, keep_unknowns: bool = False) -> dict[str, Any]:
