@@ -140,7 +140,7 @@ class Host(pulumi.ComponentResource):
         super().__init__("nix-dabei:index:Host", name, None, opts)
         self.args = args
         self.server = hcloud.Server(
-            name,
+            f"{name}-server",
             name=args.name,
             server_type=args.server_type,
             location=args.location,

@@ -86,7 +86,7 @@ class LocalEngine(pulumi_mocks.Mocks):
             key = self.hcloud.ssh_keys.get_by_name(args.args["name"])
             if key is None:
                 raise UpFailed(f"SSH key {args.args['name']!r} does not exist")
-            return {"id": key.id, "name": key.name, "publicKey": key.public_key, "fingerprint": key.fingerprint}, None
+            return {"id": key.id, "name": key.name, "publicKey": key.public_key, "fingerprint": key.fingerprint}, []
         raise UpFailed(f"unsupported invoke {args.token}")
 
     # -- resources -------------------------------------------------------------------------------------

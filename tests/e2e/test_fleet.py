@@ -106,7 +106,7 @@ def test_flake_revision_applies_in_place(engine: LocalEngine, sim: SimHandle, co
     assert ops["pulumi-python:dynamic:Resource::fu-firstboot"] == "updated"
     assert ops["pulumi-python:dynamic:Resource::fu-install"] == "same"
     assert ops["pulumi-python:dynamic:Resource::fu-rescue"] == "same"
-    assert ops["hcloud:index/server:Server::fu-upd-1"] == "same"
+    assert ops["hcloud:index/server:Server::fu-upd-1-server"] == "same"
     after = dynamic_state(engine, "fu-firstboot").outputs["hosts"]["upd-1"]
     assert after["flake"] == "github:example/infra?rev=2"
     assert after["boot_id"] == before["boot_id"], "an in-place apply must not reboot"
