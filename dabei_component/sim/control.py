@@ -1,0 +1,122 @@
+"""Control API of the simulator, under `/_sim/` with the same bearer token as the API.
+
+- `GET /_sim/durations`, `PUT /_sim/durations` (partial: `{"boot": 0.5, ...}`): action durations in seconds
+  (`create`, `boot`, `shutdown`, `poweroff`, `reboot`, `reset`, `rescue_enable`, `rescue_disable`,
+  `create_image`, `delete`) and `rescue_expiry` (how long enabled rescue lasts without a boot).
+- `GET /_sim/faults`, `PUT /_sim/faults` (replaces all), `DELETE /_sim/faults` (clears): API faults, see
+  `faults.py` for the body: error answers (any status and code, 429 with `RateLimit-Reset`) for a route
+  pattern and method, failing actions per command (`create_server`, `start_server`, `stop_server`,
+  `shutdown_server`, `reboot_server`, `reset_server`, `enable_rescue`, `disable_rescue`, `create_image`,
+  `delete_server`), slow actions, metadata outages per server; each for the next N matches or T seconds.
+- `GET /_sim/ratelimit`, `PUT /_sim/ratelimit` `{"limit": 3600, "period": 3600, "remaining": 10}`.
+- `GET /_sim/servers`, `GET /_sim/servers/{id}`: addresses, status, rescue state, metadata URL, state dir
+  and the machine's own description (`Machine.describe()`); never a password.
+- `PUT /_sim/servers/{id}/faults`: SSH faults of the server's machine (`Machine.set_faults(body)`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from .errors import ApiError, invalid_input
+from .project import PROJECT, Project
+from .query import json_response, path_id, read_json
+from .state import Server, iso
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/_sim/durations")
+async def get_durations(request: web.Request) -> web.Response:
+    return json_response({"durations": request.app[PROJECT].durations.to_json()})
+
+
+@routes.put("/_sim/durations")
+async def put_durations(request: web.Request) -> web.Response:
+    durations = request.app[PROJECT].durations
+    durations.update(await read_json(request))
+    return json_response({"durations": durations.to_json()})
+
+
+@routes.get("/_sim/faults")
+async def get_faults(request: web.Request) -> web.Response:
+    return json_response({"faults": request.app[PROJECT].faults.to_json()})
+
+
+@routes.put("/_sim/faults")
+async def put_faults(request: web.Request) -> web.Response:
+    faults = request.app[PROJECT].faults
+    faults.replace(await read_json(request))
+    return json_response({"faults": faults.to_json()})
+
+
+@routes.delete("/_sim/faults")
+async def delete_faults(request: web.Request) -> web.Response:
+    faults = request.app[PROJECT].faults
+    faults.clear()
+    return json_response({"faults": faults.to_json()})
+
+
+@routes.get("/_sim/ratelimit")
+async def get_ratelimit(request: web.Request) -> web.Response:
+    return json_response({"ratelimit": request.app[PROJECT].ratelimit.to_json()})
+
+
+@routes.put("/_sim/ratelimit")
+async def put_ratelimit(request: web.Request) -> web.Response:
+    ratelimit = request.app[PROJECT].ratelimit
+    ratelimit.configure(await read_json(request))
+    return json_response({"ratelimit": ratelimit.to_json()})
+
+
+def server_details(project: Project, server: Server) -> dict[str, Any]:
+    machine = project.machines.get(server.id)
+    return {
+        "id": server.id,
+        "name": server.name,
+        "status": server.status,
+        "locked": server.locked,
+        "ipv4": server.ipv4,
+        "ipv6_network": server.ipv6_net,
+        "ipv6_address": server.ipv6_address,
+        "mac": server.mac,
+        "ssh_port": project.ssh_port,
+        "rescue_enabled": server.rescue_enabled,
+        "rescue_expires": iso(server.rescue_expires),
+        "metadata_url": project.metadata_url(server.id),
+        "state_dir": str(project.state_dir / "servers" / str(server.id)),
+        "machine": machine.describe() if machine is not None else None,
+    }
+
+
+def _server(request: web.Request) -> tuple[Project, Server]:
+    project = request.app[PROJECT]
+    return project, project.server(path_id(request))
+
+
+@routes.get("/_sim/servers")
+async def list_servers(request: web.Request) -> web.Response:
+    project = request.app[PROJECT]
+    return json_response({"servers": [server_details(project, s) for s in project.servers.values()]})
+
+
+@routes.get("/_sim/servers/{id}")
+async def get_server(request: web.Request) -> web.Response:
+    project, server = _server(request)
+    return json_response({"server": server_details(project, server)})
+
+
+@routes.put("/_sim/servers/{id}/faults")
+async def put_server_faults(request: web.Request) -> web.Response:
+    project, server = _server(request)
+    machine = project.machines.get(server.id)
+    if machine is None:
+        raise ApiError("conflict", f"server {server.id} has no machine yet (still being created)")
+    body = await read_json(request)
+    try:
+        machine.set_faults(body)
+    except ValueError as exc:
+        raise invalid_input({"faults": [str(exc)]}) from None
+    return json_response({"server": server_details(project, server)})

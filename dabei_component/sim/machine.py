@@ -1,0 +1,493 @@
+"""The machine side of a simulated server: its disk, and real OpenSSH endpoints (rescue, installed system).
+
+A `Machine` is driven by the API's state machine: `boot_rescue` (rescue system with the disk at /dev/sda),
+`boot_disk` (the installed system, through a boot hook), `halt`, `destroy`. SSH faults are read when a boot
+starts; one-shot faults (`refuse_for_seconds`, `not_rescue`) are used up by that boot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shlex
+import shutil
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+from dabei_firstboot.seed import SeedError, find_seed_partition, read_seed
+
+from .disk import Disk
+from .fake_rebuild import SIM_STATE
+from .sshd import FaultProxy, NamespacedProcess, PrivateDev, SshDaemon, SshdSettings, free_port
+
+log = logging.getLogger(__name__)
+
+BootHook = Callable[["Machine"], Awaitable[None]]
+
+
+@dataclass
+class MachineSpec:
+    server_id: int
+    name: str
+    ipv4: str
+    ipv6_address: str
+    mac: str
+    disk_bytes: int
+    state_dir: Path
+    metadata_url: str
+
+
+@dataclass
+class SshFaults:
+    """SSH fault knobs of one machine (JSON names = field names; null or 0 switches a knob off)."""
+
+    # After the next boot nothing listens for this long, then sshd starts (one-shot).
+    refuse_for_seconds: float = 0.0
+    # Each connection is cut after this many bytes from client to server.
+    drop_after_bytes: int | None = None
+    # The next rescue boot answers as a normal system: hostname = server name, no /dev/sda (one-shot).
+    not_rescue: bool = False
+    # After this many accepted connections of a boot, sshd is restarted with a new host key.
+    change_host_key_after_connections: int | None = None
+    # The installed system never comes up (no sshd after a disk boot).
+    boot_hook_fails: bool = False
+
+    def set_faults(self, changes: dict[str, Any]) -> None:
+        """Apply the given knobs (others stay); ValueError names a bad key or value, and nothing changes."""
+        if not isinstance(changes, dict):
+            raise ValueError(f"ssh faults must be a JSON object, got {type(changes).__name__}")
+        known = {f.name for f in fields(self)}
+        checked: dict[str, Any] = {}
+        for key, value in changes.items():
+            if key not in known:
+                raise ValueError(f"unknown ssh fault {key!r}; known: {sorted(known)}")
+            checked[key] = _check_fault(key, value)
+        for key, value in checked.items():
+            setattr(self, key, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_fault(key: str, value: Any) -> Any:
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if key in ("not_rescue", "boot_hook_fails"):
+        if not isinstance(value, bool):
+            raise ValueError(f"ssh fault {key!r} must be true or false, got {value!r}")
+        return value
+    if key == "refuse_for_seconds":
+        if value is None:
+            return 0.0
+        if not is_number or not 0 <= value <= 3600:
+            raise ValueError(f"ssh fault {key!r} must be a number of seconds in [0, 3600], got {value!r}")
+        return float(value)
+    # drop_after_bytes, change_host_key_after_connections: a positive integer, or null/0 for off
+    if value is None or value == 0:
+        return None
+    if not is_number or int(value) != value or value < 0:
+        raise ValueError(f"ssh fault {key!r} must be a positive integer or null, got {value!r}")
+    return int(value)
+
+
+def _new_host_key(path: Path) -> None:
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.export_private_key("openssh"))
+
+
+class Machine:
+    def __init__(self, spec: MachineSpec, *, ssh_port: int, boot_hook: BootHook | None = None) -> None:
+        self.spec = spec
+        self.ssh_port = ssh_port
+        self.boot_hook: BootHook = boot_hook if boot_hook is not None else InstalledNixosHook()
+        self.state_dir = spec.state_dir
+        self.disk = Disk(spec.state_dir / "disk.img", spec.disk_bytes)
+        self.faults = SshFaults()
+        self.mode = "off"
+        self.boot_id = ""
+        # Why the last boot did not bring up SSH (boot hook failure, sshd failure), for describe().
+        self.boot_error: str | None = None
+        self._sshd: SshDaemon | None = None
+        self._proxy: FaultProxy | None = None
+        self._delayed_start: asyncio.Task[None] | None = None
+        self._background: list[NamespacedProcess] = []
+        self._lock = asyncio.Lock()
+
+    # --- paths -------------------------------------------------------------------------------------------
+    @property
+    def disk_path(self) -> Path:
+        return self.disk.path
+
+    @property
+    def rootfs(self) -> Path:
+        """The installed system's root filesystem (what the first-boot program sees as `root`)."""
+        return self.state_dir / "rootfs"
+
+    @property
+    def boot_id_path(self) -> Path:
+        return self.state_dir / "boot_id"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "log"
+
+    @property
+    def sshd_pid(self) -> int | None:
+        return self._sshd.pid if self._sshd is not None else None
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+    async def boot_rescue(self, authorized_keys: list[str]) -> None:
+        """Boot the rescue system: fresh host key, root by these keys, hostname `rescue`, disk at /dev/sda."""
+        if not isinstance(authorized_keys, list):
+            raise ValueError(
+                f"authorized_keys must be a list of public key lines, got {type(authorized_keys).__name__}"
+            )
+        for index, key in enumerate(authorized_keys):
+            if not isinstance(key, str) or not key.strip() or "\n" in key.strip():
+                raise ValueError(f"authorized_keys[{index}] must be one non-empty public key line")
+        async with self._lock:
+            await self._halt()
+            self._new_boot("rescue")
+            not_rescue, self.faults.not_rescue = self.faults.not_rescue, False
+            rescue_dir = self.state_dir / "rescue"
+            rescue_dir.mkdir(parents=True, exist_ok=True)
+            host_key = rescue_dir / "ssh_host_ed25519_key"
+            await asyncio.to_thread(_new_host_key, host_key)
+            keys_file = rescue_dir / "authorized_keys"
+            keys_file.write_text("".join(k.strip() + "\n" for k in authorized_keys))
+            self.disk.ensure()
+            try:
+                private_dev = None
+                if not not_rescue:
+                    await self.disk.attach()
+                    private_dev = PrivateDev(stage=rescue_dir / "dev", sda=self.disk.block_source)
+                home = rescue_dir / "root"
+                home.mkdir(exist_ok=True)
+                await self._start_ssh(
+                    hostname=self.spec.name if not_rescue else "rescue",
+                    host_key=host_key,
+                    authorized_keys=keys_file,
+                    private_dev=private_dev,
+                    # The rescue system's own home: the host's root dotfiles (shell start-up) stay out.
+                    set_env={"HOME": str(home)},
+                )
+            except BaseException:
+                await self._halt()
+                raise
+
+    async def boot_disk(self) -> None:
+        """Boot the installed system: a new boot id, then the boot hook (which may start sshd)."""
+        async with self._lock:
+            await self._halt()
+            self._new_boot("disk")
+            self.disk.ensure()
+            if self.faults.boot_hook_fails:
+                self._boot_failed("boot hook fails (ssh fault boot_hook_fails)")
+                return
+            try:
+                await self.boot_hook(self)
+            except Exception as e:
+                # A broken installed system is a state of the machine, not an error of the API call: it
+                # stays "disk" with whatever the hook started (usually nothing), like a server that hangs.
+                log.debug("boot hook of %s failed", self.spec.name, exc_info=True)
+                self._boot_failed(f"boot hook failed: {e}")
+
+    async def halt(self) -> None:
+        """Stop every process of the machine and release its loop device."""
+        async with self._lock:
+            await self._halt()
+
+    async def destroy(self) -> None:
+        """Halt and remove the disk and all state."""
+        async with self._lock:
+            await self._halt()
+            self.disk.remove()
+            await asyncio.to_thread(shutil.rmtree, self.state_dir, True)
+
+    def set_faults(self, changes: dict[str, Any]) -> None:
+        self.faults.set_faults(changes)
+
+    def describe(self) -> dict[str, Any]:
+        if self.disk.loop_device:
+            backing = "loop"
+        elif self.disk.fallback_reason:
+            backing = f"plain file ({self.disk.fallback_reason})"
+        else:
+            backing = None
+        return {
+            "server_id": self.spec.server_id,
+            "name": self.spec.name,
+            "ipv4": self.spec.ipv4,
+            "ipv6_address": self.spec.ipv6_address,
+            "ssh_port": self.ssh_port,
+            "mode": self.mode,
+            "boot_id": self.boot_id,
+            "state_dir": str(self.state_dir),
+            "disk_path": str(self.disk_path),
+            "disk_bytes": self.spec.disk_bytes,
+            "loop_device": self.disk.loop_device,
+            "disk_backing": backing,
+            "rootfs": str(self.rootfs),
+            "sshd_pid": self.sshd_pid,
+            "ssh_proxy": self._proxy is not None,
+            "metadata_url": self.spec.metadata_url,
+            "faults": self.faults.to_dict(),
+            "boot_error": self.boot_error,
+        }
+
+    # --- for boot hooks ----------------------------------------------------------------------------------
+    async def start_installed_sshd(
+        self, *, hostname: str, host_key: Path, authorized_keys: Path, set_env: dict[str, str]
+    ) -> None:
+        """Start the installed system's sshd on ipv4:ssh_port (honouring the SSH faults)."""
+        await self._start_ssh(
+            hostname=hostname,
+            host_key=host_key,
+            authorized_keys=authorized_keys,
+            private_dev=None,
+            set_env=set_env,
+        )
+
+    async def spawn(self, name: str, argv: list[str], *, hostname: str, env: dict[str, str]) -> None:
+        """Run a program of the installed system in the background until halt; output to log/NAME.log."""
+        process = NamespacedProcess(
+            argv, hostname=hostname, env=env, boot_id_file=self.boot_id_path, output=self.log_dir / f"{name}.log"
+        )
+        self._background.append(process)
+        await process.start()
+
+    def log_boot(self, message: str) -> None:
+        """One line in log/boot.log, the machine's console."""
+        log.info("%s: %s", self.spec.name, message)
+        with open(self.log_dir / "boot.log", "a") as f:
+            f.write(f"[{self.boot_id}] {message}\n")
+
+    # --- internals ---------------------------------------------------------------------------------------
+    def _new_boot(self, mode: str) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.mode = mode
+        self.boot_error = None
+        self.boot_id = str(uuid.uuid4())
+        self.boot_id_path.write_text(self.boot_id + "\n")
+        self.log_boot(f"booting ({mode})")
+
+    def _boot_failed(self, reason: str) -> None:
+        self.boot_error = reason
+        self.log_boot(reason)
+
+    async def _start_ssh(
+        self,
+        *,
+        hostname: str,
+        host_key: Path,
+        authorized_keys: Path,
+        private_dev: PrivateDev | None,
+        set_env: dict[str, str],
+    ) -> None:
+        delay, self.faults.refuse_for_seconds = self.faults.refuse_for_seconds, 0.0
+        drop_after = self.faults.drop_after_bytes
+        rotate_after = self.faults.change_host_key_after_connections
+        use_proxy = drop_after is not None or rotate_after is not None
+        settings = SshdSettings(
+            listen_host=self.spec.ipv4,
+            listen_port=free_port(self.spec.ipv4) if use_proxy else self.ssh_port,
+            host_key=host_key,
+            authorized_keys=authorized_keys,
+            pid_file=self.state_dir / "sshd.pid",
+            set_env=set_env,
+        )
+        self._sshd = SshDaemon(
+            settings,
+            config_path=self.state_dir / "sshd_config",
+            log_path=self.log_dir / "sshd.log",
+            hostname=hostname,
+            private_dev=private_dev,
+            boot_id_file=self.boot_id_path,
+        )
+        if use_proxy:
+
+            async def before_connection(n: int) -> None:
+                if rotate_after is not None and n == rotate_after + 1:
+                    await self._rotate_host_key()
+
+            self._proxy = FaultProxy(
+                host=self.spec.ipv4,
+                port=self.ssh_port,
+                backend_port=settings.listen_port,
+                drop_after_bytes=drop_after,
+                before_connection=before_connection,
+            )
+        if delay > 0:
+            self.log_boot(f"ssh refuses connections for {delay:g}s (ssh fault refuse_for_seconds)")
+            self._delayed_start = asyncio.create_task(self._listen_after(delay))
+        else:
+            await self._listen()
+
+    async def _listen(self) -> None:
+        assert self._sshd is not None
+        await self._sshd.start()
+        if self._proxy is not None:
+            await self._proxy.start()
+        self.log_boot(f"sshd listening on {self.spec.ipv4}:{self.ssh_port} (pid {self._sshd.pid})")
+
+    async def _listen_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        try:
+            await self._listen()
+        except Exception as e:
+            self._boot_failed(f"sshd did not start: {e}")
+
+    async def _rotate_host_key(self) -> None:
+        assert self._sshd is not None
+        rotated = self.state_dir / "rotated_ssh_host_ed25519_key"
+        await asyncio.to_thread(_new_host_key, rotated)
+        self._sshd.settings.host_key = rotated
+        await self._sshd.reload()
+        self.log_boot("sshd restarted with a new host key (ssh fault change_host_key_after_connections)")
+
+    async def _halt(self) -> None:
+        if self._delayed_start is not None:
+            self._delayed_start.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._delayed_start
+            self._delayed_start = None
+        if self._proxy is not None:
+            await self._proxy.stop()
+            self._proxy = None
+        if self._sshd is not None:
+            await self._sshd.stop()
+            self._sshd = None
+        for process in self._background:
+            await process.stop()
+        self._background = []
+        await self.disk.detach()
+        if self.mode != "off":
+            self.log_boot("halted")
+        self.mode = "off"
+
+
+@dataclass
+class InstalledNixosHook:
+    """The default boot hook: the installed NixOS, emulated with the real first-boot program (`nix-dabei`)
+    working on `<state_dir>/rootfs`, against the simulated metadata service, with a fake rebuild."""
+
+    metadata_retries: int = 10
+    metadata_backoff_seconds: float = 0.2
+    metadata_timeout_seconds: float = 5.0
+    rebuild_retries: int = 3
+    rebuild_backoff_seconds: float = 0.2
+
+    async def __call__(self, machine: Machine) -> None:
+        disk, root = machine.disk_path, machine.rootfs
+        host_key = root / "etc/ssh/ssh_host_ed25519_key"
+        has_seed_partition = _has_seed_partition(disk)
+        if not has_seed_partition and not host_key.exists():
+            raise RuntimeError("no bootable system on the disk (no dabei-seed partition, nothing installed)")
+        if host_key.exists() and _has_fresh_seed(disk):
+            # A fresh seed means a new image was written: the old root filesystem is gone with it.
+            machine.log_boot("new image with a fresh seed: starting from an empty root filesystem")
+            await asyncio.to_thread(_empty_rootfs, root)
+        root.mkdir(parents=True, exist_ok=True)
+        config_path = machine.state_dir / "nix-dabei.json"
+        config_path.write_text(json.dumps(self.program_config(machine), indent=2) + "\n")
+        bin_dir = machine.state_dir / "bin"
+        _write_cli_wrapper(bin_dir / "nix-dabei")
+        env = {
+            "PATH": f"{bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "NIX_DABEI_CONFIG": str(config_path),
+            "HOME": str(root / "root"),
+            "LANG": "C.UTF-8",
+        }
+        await _run_logged(machine, ["nix-dabei", "seed"], env)
+        if not host_key.exists():
+            raise RuntimeError(f"no host key at {host_key} after 'nix-dabei seed'")
+        await machine.start_installed_sshd(
+            hostname=machine.spec.name,
+            host_key=host_key,
+            authorized_keys=root / "root/.ssh/authorized_keys",
+            set_env=env,
+        )
+        await machine.spawn("firstboot", ["nix-dabei", "firstboot"], hostname=machine.spec.name, env=env)
+
+    def program_config(self, machine: Machine) -> dict[str, Any]:
+        root = str(machine.rootfs)
+        return {
+            "root": root,
+            "metadata_url": machine.spec.metadata_url,
+            "metadata_retries": self.metadata_retries,
+            "metadata_backoff_seconds": self.metadata_backoff_seconds,
+            "metadata_timeout_seconds": self.metadata_timeout_seconds,
+            "seed_device": str(machine.disk_path),
+            "boot_id_path": str(machine.boot_id_path),
+            "rebuild_command": [
+                sys.executable,
+                "-m",
+                "dabei_component.sim.fake_rebuild",
+                "--root",
+                root,
+                "--flake",
+                "{flake}",
+                "--hostname",
+                "{hostname}",
+            ],
+            "rebuild_retries": self.rebuild_retries,
+            "rebuild_backoff_seconds": self.rebuild_backoff_seconds,
+            "network_reload_command": None,
+        }
+
+
+def _empty_rootfs(root: Path) -> None:
+    """Remove the installed system, keeping the simulator's own records (rebuild log, failure counter)."""
+    keep = root / SIM_STATE
+    parked = root.with_name(root.name + ".sim-state")
+    if keep.exists():
+        os.replace(keep, parked)
+    shutil.rmtree(root)
+    if parked.exists():
+        keep.parent.mkdir(parents=True)
+        os.replace(parked, keep)
+
+
+def _has_seed_partition(disk: Path) -> bool:
+    try:
+        find_seed_partition(disk)
+    except SeedError:
+        return False
+    return True
+
+
+def _has_fresh_seed(disk: Path) -> bool:
+    try:
+        read_seed(disk)
+    except SeedError:
+        return False
+    return True
+
+
+def _write_cli_wrapper(path: Path) -> None:
+    """`nix-dabei` for SSH sessions: the real program, run with this simulator's interpreter."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m dabei_firstboot "$@"\n')
+    path.chmod(0o755)
+
+
+async def _run_logged(machine: Machine, argv: list[str], env: dict[str, str]) -> None:
+    """Run a boot step to completion, its output into log/boot.log; raise if it fails."""
+    machine.log_boot("running " + " ".join(argv))
+    with open(machine.log_dir / "boot.log", "ab") as out:
+        process = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=env
+        )
+        code = await process.wait()
+    if code != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited with status {code} (see {machine.log_dir / 'boot.log'})")

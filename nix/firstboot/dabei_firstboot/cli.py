@@ -1,0 +1,283 @@
+"""The host CLI ``nix-dabei``: seed, firstboot, network, status, apply (see docs/architecture.md)."""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from . import seed as seedlib
+from .config import (
+    FLAKE_FILE,
+    PENDING_MARKER,
+    PERSISTENT_INSTANCE_DATA,
+    ROOT_AUTHORIZED_KEYS,
+    RUNTIME_INSTANCE_DATA,
+    SEED_RECORD,
+    SSH_DIR,
+    STATE_DIR,
+    Config,
+    ConfigError,
+    load_config,
+)
+from .metadata import MetadataError, fetch_metadata, instance_data
+from .network import NetworkError, apply_network
+from .rebuild import RebuildError, current_system, run_rebuild
+from .status import Log, StatusRecorder, now, read_boot_id, read_status, write_atomic, write_json
+
+# Block devices that never hold the installed system's disk.
+_SKIPPED_BLOCK_PREFIXES = ("loop", "ram", "zram", "sr", "dm-", "md", "nbd", "zd")
+
+
+class BusyError(Exception):
+    """Another nix-dabei run holds the lock."""
+
+
+@contextmanager
+def run_lock(config: Config) -> Iterator[None]:
+    path = config.path(f"{STATE_DIR}/lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BusyError(f"another nix-dabei run is in progress (lock {path} is held)") from None
+        yield
+
+
+def find_seed_device(config: Config) -> str:
+    if config.seed_device != "auto":
+        return config.seed_device
+    candidates = sorted(name for name in os.listdir("/sys/block") if not name.startswith(_SKIPPED_BLOCK_PREFIXES))
+    found = []
+    for name in candidates:
+        try:
+            seedlib.find_seed_partition(f"/dev/{name}")
+            found.append(f"/dev/{name}")
+        except seedlib.SeedError:
+            continue
+    if len(found) != 1:
+        raise seedlib.SeedError(
+            f"expected one disk with a {seedlib.PARTITION_NAME!r} partition among {candidates}, found {found}"
+        )
+    return found[0]
+
+
+def _merge_authorized_keys(path: Path, keys: list[str]) -> None:
+    existing = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    merged = list(dict.fromkeys(line.strip() for line in [*existing, *keys] if line.strip()))
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path.parent, 0o700)
+    write_atomic(path, ("\n".join(merged) + "\n").encode(), mode=0o600)
+
+
+def cmd_seed(config: Config, log: Log) -> int:
+    record_path = config.path(SEED_RECORD)
+    try:
+        device = find_seed_device(config)
+        doc = seedlib.read_seed(device)
+    except seedlib.SeedEmpty:
+        if record_path.exists():
+            log("seed already applied; the seed partition is empty")
+            return 0
+        return _fail_seed(config, log, "the seed partition is empty and no seed was ever applied")
+    except seedlib.SeedError as exc:
+        return _fail_seed(config, log, f"cannot read the seed: {exc}")
+    status = StatusRecorder(config, "seed")
+    try:
+        ssh = config.path(SSH_DIR)
+        key = doc["host_key"]
+        write_atomic(ssh / "ssh_host_ed25519_key", (key["private"].strip() + "\n").encode(), mode=0o600)
+        write_atomic(ssh / "ssh_host_ed25519_key.pub", (key["public"].strip() + "\n").encode(), mode=0o644)
+        _merge_authorized_keys(config.path(ROOT_AUTHORIZED_KEYS), doc["authorized_keys"])
+        write_atomic(config.path(FLAKE_FILE), (doc["flake"] + "\n").encode())
+        record = {
+            "applied_at": now(),
+            "device": device,
+            "flake": doc["flake"],
+            "hostname": doc.get("hostname"),
+            "host_key_public": key["public"].strip(),
+            "authorized_keys": len(doc["authorized_keys"]),
+            "boot_id": read_boot_id(config),
+        }
+        write_json(record_path, record)
+        config.path(PENDING_MARKER).touch()
+        seedlib.wipe_seed(device)
+    except (OSError, seedlib.SeedError) as exc:
+        status.fail(f"applying the seed failed: {exc}")
+        log(f"applying the seed failed: {exc}")
+        return 1
+    status.update(flake=doc["flake"], hostname=doc.get("hostname"))
+    log(f"seed applied from {device}: host key, {len(doc['authorized_keys'])} authorized key(s), flake")
+    return 0
+
+
+def _fail_seed(config: Config, log: Log, error: str) -> int:
+    log(error)
+    StatusRecorder(config, "seed").fail(error)
+    return 1
+
+
+def _write_instance_data(config: Config, data: dict[str, Any]) -> None:
+    write_json(config.path(RUNTIME_INSTANCE_DATA), data)
+    write_json(config.path(PERSISTENT_INSTANCE_DATA), data)
+
+
+def _read_flake(config: Config) -> str:
+    try:
+        flake = config.path(FLAKE_FILE).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise RebuildError(f"no flake reference at {config.path(FLAKE_FILE)}: {exc.strerror or exc}") from None
+    if not flake:
+        raise RebuildError(f"flake reference file {config.path(FLAKE_FILE)} is empty")
+    return flake
+
+
+def _converge(config: Config, log: Log, fetch: bool, new_flake: str | None = None) -> int:
+    try:
+        with run_lock(config):
+            if new_flake is not None:
+                write_atomic(config.path(FLAKE_FILE), (new_flake + "\n").encode())
+                config.path(PENDING_MARKER).touch()
+            return _converge_locked(config, log, fetch)
+    except BusyError as exc:
+        log(str(exc))
+        return 1
+
+
+def _converge_locked(config: Config, log: Log, fetch: bool) -> int:
+    """metadata (if ``fetch`` or none persisted) -> network -> rebuild; status file at every step."""
+    status = StatusRecorder(config, "metadata", max_attempts=config.metadata_retries)
+    try:
+        flake = _read_flake(config)
+        persisted = config.path(PERSISTENT_INSTANCE_DATA)
+        if fetch or not persisted.exists():
+            log(f"fetching metadata from {config.metadata_url}")
+            meta = fetch_metadata(
+                config.metadata_url,
+                config.metadata_retries,
+                config.metadata_backoff_seconds,
+                config.metadata_backoff_max_seconds,
+                config.metadata_timeout_seconds,
+                log,
+            )
+            data = instance_data(meta)
+            _write_instance_data(config, data)
+        else:
+            data = json.loads(persisted.read_text(encoding="utf-8"))
+        status.update(phase="network", hostname=data["hostname"], flake=flake)
+        log(f"network: {apply_network(config, data)} for {data['mac_address']}")
+        system = run_rebuild(config, flake, data["hostname"], status, log)
+    except (MetadataError, NetworkError, RebuildError, OSError, ValueError, KeyError) as exc:
+        status.fail(str(exc))
+        log(f"failed: {exc}")
+        return 1
+    status.update(phase="converged", system=system, last_error=None)
+    config.path(PENDING_MARKER).unlink(missing_ok=True)
+    log(f"converged: {system}")
+    return 0
+
+
+def cmd_firstboot(config: Config, log: Log) -> int:
+    if not config.path(PENDING_MARKER).exists():
+        log(f"nothing to do: {config.path(PENDING_MARKER)} does not exist")
+        return 0
+    return _converge(config, log, fetch=True)
+
+
+def cmd_network(config: Config, log: Log) -> int:
+    """Every boot: recreate the runtime networkd file from the persistent instance data."""
+    persisted = config.path(PERSISTENT_INSTANCE_DATA)
+    if not persisted.exists():
+        return 0
+    try:
+        data = json.loads(persisted.read_text(encoding="utf-8"))
+        write_json(config.path(RUNTIME_INSTANCE_DATA), data)
+        # Runs before networkd starts, which then reads the file itself.
+        log(f"network: {apply_network(config, data, reload=False)} for {data['mac_address']}")
+    except (OSError, ValueError, KeyError, NetworkError) as exc:
+        log(f"network configuration from {persisted} failed: {exc}")
+        return 1
+    return 0
+
+
+def status_report(config: Config, log: Log) -> dict[str, Any]:
+    status = read_status(config)
+    journal = None
+    if status is not None and status.get("phase") == "failed":
+        journal = _journal_tail(config) or log.tail()
+    return {
+        "status": status,
+        "boot_id": read_boot_id(config),
+        "system": current_system(config),
+        "journal": journal,
+    }
+
+
+def _journal_tail(config: Config) -> str | None:
+    if config.journal_command is None:
+        return None
+    try:
+        result = subprocess.run(list(config.journal_command), capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() or None
+
+
+def cmd_status(config: Config, log: Log) -> int:
+    print(json.dumps(status_report(config, log), sort_keys=True))
+    return 0
+
+
+def cmd_apply(config: Config, log: Log, flake: str) -> int:
+    if not flake or any(c.isspace() for c in flake):
+        print(f"nix-dabei apply: invalid flake reference {flake!r}", file=sys.stderr)
+        return 2
+    code = _converge(config, log, fetch=False, new_flake=flake)
+    print(json.dumps(status_report(config, log), sort_keys=True))
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nix-dabei", description="nix-dabei first-boot program")
+    parser.add_argument(
+        "--config", help="configuration JSON (default: $NIX_DABEI_CONFIG or /etc/nix-dabei/config.json)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("seed", help="apply the per-host seed and wipe it")
+    sub.add_parser("firstboot", help="metadata, network and rebuild, when the pending marker exists")
+    sub.add_parser("network", help="configure the uplink from the persisted instance data")
+    sub.add_parser("status", help="print the status as JSON")
+    apply = sub.add_parser("apply", help="switch to a flake and rebuild")
+    apply.add_argument("--flake", required=True, help="flake reference, e.g. github:me/hosts")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"nix-dabei: {exc}", file=sys.stderr)
+        return 2
+    log = Log(config)
+    if args.command == "seed":
+        return cmd_seed(config, log)
+    if args.command == "firstboot":
+        return cmd_firstboot(config, log)
+    if args.command == "network":
+        return cmd_network(config, log)
+    if args.command == "status":
+        return cmd_status(config, log)
+    return cmd_apply(config, log, args.flake)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

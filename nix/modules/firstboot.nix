@@ -1,0 +1,161 @@
+# The per-host seed and the first boot: systemd units running the `nix-dabei` program.
+#   nix-dabei-seed      before sshd: host key, root's authorized keys and flake from the seed partition
+#   nix-dabei-network   every boot, before networkd: the uplink file from the persisted instance data
+#   nix-dabei-firstboot after network-online, while /var/lib/nix-dabei/pending exists: metadata, network,
+#                       nixos-rebuild switch --flake <flake>#<hostname> with retries; status.json throughout
+{ config, lib, pkgs, ... }:
+let
+  cfg = config.nix-dabei.firstboot;
+  program = lib.getExe cfg.package;
+  stateDir = "/var/lib/nix-dabei";
+  programConfig = {
+    root = "/";
+    metadata_url = cfg.metadataUrl;
+    metadata_retries = cfg.metadataRetries;
+    metadata_backoff_seconds = cfg.metadataBackoffSeconds;
+    metadata_backoff_max_seconds = cfg.metadataBackoffMaxSeconds;
+    metadata_timeout_seconds = cfg.metadataTimeoutSeconds;
+    rebuild_command = cfg.rebuildCommand;
+    rebuild_retries = cfg.rebuildRetries;
+    rebuild_backoff_seconds = cfg.rebuildBackoffSeconds;
+    rebuild_timeout_seconds = cfg.rebuildTimeoutSeconds;
+    seed_device = cfg.seedDevice;
+    journal_command = [ "${config.systemd.package}/bin/journalctl" "--unit=nix-dabei-firstboot.service"
+      "--unit=nix-dabei-seed.service" "--lines=80" "--no-pager" "--output=short-iso" ];
+    network_reload_command = [ "${config.systemd.package}/bin/networkctl" "reload" ];
+  };
+  # Upper bound of one first-boot run: every metadata and rebuild attempt plus the waits between them.
+  worstCaseSeconds =
+    cfg.metadataRetries * (2 * cfg.metadataTimeoutSeconds + cfg.metadataBackoffMaxSeconds)
+    + cfg.rebuildRetries * (cfg.rebuildTimeoutSeconds + cfg.rebuildBackoffSeconds * cfg.rebuildRetries)
+    + 300;
+  common = {
+    # A switch must not restart these units: the rebuild they run is that switch.
+    restartIfChanged = false;
+    stopIfChanged = false;
+    serviceConfig.Type = "oneshot";
+    serviceConfig.RemainAfterExit = true;
+  };
+in
+{
+  options.nix-dabei.firstboot = {
+    enable = lib.mkOption {
+      type = lib.types.bool;
+      default = true;
+      description = "Run the seed and first-boot units.";
+    };
+    package = lib.mkOption {
+      type = lib.types.package;
+      default = pkgs.callPackage ../firstboot/package.nix { };
+      defaultText = lib.literalExpression "pkgs.callPackage ./nix/firstboot/package.nix { }";
+      description = "The `nix-dabei` first-boot program.";
+    };
+    metadataUrl = lib.mkOption {
+      type = lib.types.str;
+      default = "http://169.254.169.254/hetzner/v1/metadata";
+      description = "URL of the instance metadata (YAML).";
+    };
+    metadataRetries = lib.mkOption {
+      type = lib.types.ints.positive;
+      default = 20;
+      description = "Attempts to fetch the metadata before the first boot fails.";
+    };
+    metadataBackoffSeconds = lib.mkOption {
+      type = lib.types.numbers.nonnegative;
+      default = 1;
+      description = "Wait after the first failed metadata attempt; doubles after each further failure.";
+    };
+    metadataBackoffMaxSeconds = lib.mkOption {
+      type = lib.types.numbers.nonnegative;
+      default = 15;
+      description = "Upper bound of the wait between metadata attempts.";
+    };
+    metadataTimeoutSeconds = lib.mkOption {
+      type = lib.types.numbers.positive;
+      default = 5;
+      description = "Timeout of one metadata request (connect and each read; the whole answer gets twice that).";
+    };
+    rebuildCommand = lib.mkOption {
+      type = lib.types.nonEmptyListOf lib.types.str;
+      default = [ "nixos-rebuild" "switch" "--flake" "{flake}#{hostname}" ];
+      description = "The rebuild command; `{flake}` and `{hostname}` are replaced (flake from the seed, hostname from the metadata).";
+    };
+    rebuildRetries = lib.mkOption {
+      type = lib.types.ints.positive;
+      default = 3;
+      description = "Rebuild attempts before the first boot fails.";
+    };
+    rebuildBackoffSeconds = lib.mkOption {
+      type = lib.types.numbers.nonnegative;
+      default = 10;
+      description = "Wait after failed rebuild attempt n is n times this.";
+    };
+    rebuildTimeoutSeconds = lib.mkOption {
+      type = lib.types.numbers.positive;
+      default = 3600;
+      description = "One rebuild attempt is killed after this long.";
+    };
+    seedDevice = lib.mkOption {
+      type = lib.types.str;
+      default = "auto";
+      description = "Disk holding the `dabei-seed` partition, or \"auto\" to find it by reading the GPT of every disk.";
+    };
+  };
+
+  options.nix-dabei.extraAuthorizedKeys = lib.mkOption {
+    type = lib.types.listOf lib.types.singleLineStr;
+    default = [ ];
+    description = "SSH public keys for root, in addition to the ones from the seed (one key per entry).";
+  };
+
+  config = lib.mkIf cfg.enable {
+    environment.etc."nix-dabei/config.json".text = builtins.toJSON programConfig;
+    environment.systemPackages = [ cfg.package ];
+    users.users.root.openssh.authorizedKeys.keys = config.nix-dabei.extraAuthorizedKeys;
+
+    nix.settings.experimental-features = [ "nix-command" "flakes" ];
+
+    services.openssh = {
+      enable = true;
+      # Only the ed25519 key: the seed provides it, so sshd never generates one the installer does not know.
+      hostKeys = [ { type = "ed25519"; path = "/etc/ssh/ssh_host_ed25519_key"; } ];
+      settings.PermitRootLogin = lib.mkDefault "prohibit-password";
+      settings.PasswordAuthentication = lib.mkDefault false;
+    };
+
+    systemd.tmpfiles.rules = [ "d ${stateDir} 0755 root root -" ];
+
+    systemd.services.nix-dabei-seed = common // {
+      description = "Apply the nix-dabei per-host seed (host key, authorized keys, flake)";
+      wantedBy = [ "multi-user.target" "sshd.service" ];
+      before = [ "sshd.service" ];
+      after = [ "local-fs.target" "systemd-udev-settle.service" ];
+      unitConfig.ConditionPathExists = "!${stateDir}/seed.json";
+      serviceConfig.ExecStart = "${program} seed";
+    };
+
+    systemd.services.nix-dabei-network = common // {
+      description = "Configure the uplink from the nix-dabei instance data";
+      wantedBy = [ "multi-user.target" ];
+      before = [ "systemd-networkd.service" "network-pre.target" ];
+      wants = [ "network-pre.target" ];
+      after = [ "local-fs.target" ];
+      unitConfig.ConditionPathExists = "${stateDir}/instance-data.json";
+      serviceConfig.ExecStart = "${program} network";
+    };
+
+    systemd.services.nix-dabei-firstboot = common // {
+      description = "nix-dabei first boot: metadata, network, nixos-rebuild --flake";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" "nix-dabei-seed.service" "nix-daemon.socket" ];
+      unitConfig.ConditionPathExists = "${stateDir}/pending";
+      path = [ config.system.build.nixos-rebuild config.nix.package pkgs.git config.systemd.package ];
+      environment.HOME = "/root";
+      serviceConfig = common.serviceConfig // {
+        ExecStart = "${program} firstboot";
+        TimeoutStartSec = toString (builtins.ceil worstCaseSeconds);
+      };
+    };
+  };
+}
