@@ -92,6 +92,9 @@ def build_app(project: Project, token: str, observer: Observer | None = None) ->
             response = exc.response()
         except web.HTTPException as exc:
             response = _as_api_error(exc).response()
+        except Exception:  # a bug in the simulator still answers in the API's error shape
+            log.exception("%s %s failed", request.method, request.path)
+            response = ApiError("server_error", "internal simulator error", status=500).response()
         if is_api:
             for name, value in project.ratelimit.headers().items():
                 response.headers.setdefault(name, value)

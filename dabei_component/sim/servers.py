@@ -137,6 +137,8 @@ async def create_server(request: web.Request) -> web.Response:
     if unsupported:
         raise invalid_input({field: ["is not supported by the simulator"] for field in unsupported})
     public_net = body.get("public_net") or {}
+    if not isinstance(public_net, dict):
+        raise invalid_input({"public_net": ["must be an object"]})
     if public_net.get("enable_ipv4") is False or public_net.get("enable_ipv6") is False:
         raise invalid_input({"public_net": ["the simulator always gives a server IPv4 and IPv6"]})
     name = validate_name(body["name"])

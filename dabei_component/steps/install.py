@@ -28,6 +28,10 @@ SECRET_INPUTS = ("deploy_private_key", "host_private_keys")
 _PROBE_SECONDS = 15.0
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f}"
+
+
 def seed_document(host: Mapping[str, Any], private_key: str) -> dict[str, Any]:
     return {
         "flake": host["flake"],
@@ -100,7 +104,9 @@ class InstallProvider(FleetStep):
                 prepared,
                 disk=host.get("disk") or "/dev/sda",
                 seed=seed,
-                progress=lambda p: ctx.log(str(p)),
+                progress=lambda p: ctx.log(
+                    f"{_mib(p.bytes_sent)} of {_mib(p.total_bytes)} MiB compressed sent, {p.rate / 1e6:.1f} MB/s"
+                ),
             )
         except DiskWriteError as exc:
             raise HostError(str(exc)) from None

@@ -42,7 +42,7 @@ class SimControl:
             return json.loads(resp.read() or b"null")
 
     def server(self, server_id: int | str) -> dict[str, Any]:
-        return self.request("GET", f"/servers/{server_id}")["server"]
+        return self.request("GET", f"/servers/{int(server_id)}")["server"]
 
 
 @pytest.fixture(scope="module")
