@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -75,6 +76,12 @@ def simulator(state_dir: Path, ssh_port: int) -> Iterator[SimHandle]:
                 proc.kill()
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def fixture_image_attr() -> str:
     arch = {"x86_64": "x86_64-linux", "aarch64": "aarch64-linux", "arm64": "aarch64-linux"}[platform.machine()]
     return f"packages.{arch}.default"
@@ -133,7 +140,9 @@ def main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m dabei_component demo", description=__doc__)
     parser.add_argument("--servers", type=int, default=3, help="how many servers to install (default 3)")
-    parser.add_argument("--ssh-port", type=int, default=22, help="SSH port of the simulated servers (default 22)")
+    parser.add_argument(
+        "--ssh-port", type=int, default=0, help="SSH port of the simulated servers (default: a free port)"
+    )
     parser.add_argument("--work-dir", type=Path, help="keep state, logs and caches here (default: a temp dir)")
     args = parser.parse_args(argv)
     if not 1 <= args.servers <= 50:
@@ -141,6 +150,9 @@ def main(argv: list[str]) -> int:
     if os.geteuid() != 0:
         print("the demo needs root: the simulated servers use loop devices and namespaces", file=sys.stderr)
         return 2
+    if args.ssh_port == 0:
+        # Not 22: a system sshd listening on all addresses would hold it on every loopback address too.
+        args.ssh_port = free_port()
     with tempfile.TemporaryDirectory(prefix="nix-dabei-demo-") as tmp:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

@@ -28,8 +28,12 @@ SECRET_INPUTS = ("deploy_private_key", "host_private_keys")
 _PROBE_SECONDS = 15.0
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f}"
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
 
 
 def seed_document(host: Mapping[str, Any], private_key: str) -> dict[str, Any]:
@@ -105,7 +109,7 @@ class InstallProvider(FleetStep):
                 disk=host.get("disk") or "/dev/sda",
                 seed=seed,
                 progress=lambda p: ctx.log(
-                    f"{_mib(p.bytes_sent)} of {_mib(p.total_bytes)} MiB compressed sent, {p.rate / 1e6:.1f} MB/s"
+                    f"{_size(p.bytes_sent)} of {_size(p.total_bytes)} compressed sent, {_size(p.rate)}/s"
                 ),
             )
         except DiskWriteError as exc:
