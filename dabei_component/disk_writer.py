@@ -89,7 +89,8 @@ done
 [ -z "$missing" ] || { echo "missing tools on the host:$missing" >&2; exit 12; }
 [ -e "$disk" ] || { echo "$disk does not exist" >&2; exit 10; }
 [ -b "$disk" ] || { echo "$disk is not a block device" >&2; exit 10; }
-name=$(basename "$(readlink -f "$disk")")
+# sysfs by device number: the node may be a bind mount or symlink whose name is not the kernel's.
+sysfs=/sys/dev/block/$(lsblk -ndo MAJ:MIN "$disk" | tr -d ' ')
 mounted=$(lsblk -nrpo NAME,MOUNTPOINT "$disk" | awk '$2 != "" { printf " %s on %s", $1, $2 }')
 [ -z "$mounted" ] || { echo "$disk is in use, mounted:$mounted" >&2; exit 11; }
 for dev in $(lsblk -nrpo NAME "$disk"); do
@@ -100,7 +101,7 @@ for dev in $(lsblk -nrpo NAME "$disk"); do
     [ -z "$holders" ] || { echo "$disk is in use: $dev is held by" $holders >&2; exit 11; }
 done
 echo "size=$(blockdev --getsize64 "$disk")"
-echo "write_zeroes=$(cat "/sys/class/block/$name/queue/write_zeroes_max_bytes" 2>/dev/null || echo 0)"
+echo "write_zeroes=$(cat "$sysfs/queue/write_zeroes_max_bytes" 2>/dev/null || echo 0)"
 """
 
 # zstd writes the disk itself when it is recent enough: `zstd -d | dd` moves every raw byte, zeros
