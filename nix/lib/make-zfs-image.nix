@@ -48,20 +48,27 @@ let
     pkgs.nix
   ];
 in
+# Overriding rootModules replaces vmTools' default list, so it is repeated here: nixos-25.05's vmTools
+# mounts the store with virtiofs (older releases: 9p), plus the virtio devices, zfs and vfat.
 (pkgs.vmTools.override {
-  rootModules = [ "zfs" "9p" "9pnet_virtio" "virtio_pci" "virtio_blk" "vfat" "nls_cp437" "nls_iso8859-1" ]
-    ++ lib.optional pkgs.stdenv.hostPlatform.isx86 "rtc_cmos";
+  rootModules = [
+    "virtiofs" "9p" "9pnet_virtio"
+    "virtio_pci" "virtio_mmio" "virtio_blk" "virtio_balloon" "virtio_rng"
+    "zfs" "vfat" "nls_cp437" "nls_iso8859-1"
+  ] ++ lib.optional pkgs.stdenv.hostPlatform.isx86 "rtc_cmos";
   kernel = modulesTree;
 }).runInLinuxVM (pkgs.runCommand "nix-dabei-image-${pkgs.stdenv.hostPlatform.system}" {
   memSize = 2048;
-  QEMU_OPTS = "-drive file=$diskImage,if=virtio,cache=unsafe,werror=report,format=raw";
+  # Not `diskImage`: vmTools attaches a variable of that name itself (without format=raw), which would
+  # open the same file twice. The nixpkgs ZFS image builders use rootDiskImage for the same reason.
+  QEMU_OPTS = "-drive file=$rootDiskImage,if=virtio,cache=unsafe,werror=report,format=raw";
   preVM = ''
     mkdir -p $out
-    diskImage=nixos.img
-    ${pkgs.qemu-utils}/bin/qemu-img create -f raw $diskImage ${toString cfg.imageSizeMiB}M
+    rootDiskImage=nixos.img
+    ${pkgs.qemu-utils}/bin/qemu-img create -f raw $rootDiskImage ${toString cfg.imageSizeMiB}M
   '';
   postVM = ''
-    mv $diskImage $out/nixos.img
+    mv $rootDiskImage $out/nixos.img
     mkdir -p $out/nix-support
     cat > $out/nix-support/image-info.json <<INFO
     {"file": "nixos.img", "format": "raw", "system": "${pkgs.stdenv.hostPlatform.system}",

@@ -29,12 +29,15 @@ let
     cfg.metadataRetries * (2 * cfg.metadataTimeoutSeconds + cfg.metadataBackoffMaxSeconds)
     + cfg.rebuildRetries * (cfg.rebuildTimeoutSeconds + cfg.rebuildBackoffSeconds * cfg.rebuildRetries)
     + 300;
+  # A switch must not restart these units: the rebuild they run is that switch.
   common = {
-    # A switch must not restart these units: the rebuild they run is that switch.
     restartIfChanged = false;
     stopIfChanged = false;
-    serviceConfig.Type = "oneshot";
-    serviceConfig.RemainAfterExit = true;
+  };
+  # Oneshot: units ordered after these (sshd after the seed) wait until the program has finished.
+  oneshot = {
+    Type = "oneshot";
+    RemainAfterExit = true;
   };
 in
 {
@@ -128,10 +131,11 @@ in
     systemd.services.nix-dabei-seed = common // {
       description = "Apply the nix-dabei per-host seed (host key, authorized keys, flake)";
       wantedBy = [ "multi-user.target" "sshd.service" ];
-      before = [ "sshd.service" ];
+      # sshd-keygen.service: where a NixOS release generates missing host keys outside sshd.service.
+      before = [ "sshd.service" "sshd-keygen.service" ];
       after = [ "local-fs.target" "systemd-udev-settle.service" ];
       unitConfig.ConditionPathExists = "!${stateDir}/seed.json";
-      serviceConfig.ExecStart = "${program} seed";
+      serviceConfig = oneshot // { ExecStart = "${program} seed"; };
     };
 
     systemd.services.nix-dabei-network = common // {
@@ -141,18 +145,25 @@ in
       wants = [ "network-pre.target" ];
       after = [ "local-fs.target" ];
       unitConfig.ConditionPathExists = "${stateDir}/instance-data.json";
-      serviceConfig.ExecStart = "${program} network";
+      serviceConfig = oneshot // { ExecStart = "${program} network"; };
     };
 
+    # Ordered after multi-user.target (like nixpkgs' amazon-init, which also runs nixos-rebuild switch):
+    # the boot transaction then does not wait for the rebuild, and units the switch starts cannot wait
+    # for multi-user.target while it waits for this unit.
     systemd.services.nix-dabei-firstboot = common // {
       description = "nix-dabei first boot: metadata, network, nixos-rebuild --flake";
       wantedBy = [ "multi-user.target" ];
       wants = [ "network-online.target" ];
-      after = [ "network-online.target" "nix-dabei-seed.service" "nix-daemon.socket" ];
-      unitConfig.ConditionPathExists = "${stateDir}/pending";
+      after = [ "network-online.target" "nix-dabei-seed.service" "nix-daemon.socket" "multi-user.target" ];
+      # A configuration without this module must not stop the run that is switching to it.
+      unitConfig = {
+        ConditionPathExists = "${stateDir}/pending";
+        X-StopOnRemoval = false;
+      };
       path = [ config.system.build.nixos-rebuild config.nix.package pkgs.git config.systemd.package ];
       environment.HOME = "/root";
-      serviceConfig = common.serviceConfig // {
+      serviceConfig = oneshot // {
         ExecStart = "${program} firstboot";
         TimeoutStartSec = toString (builtins.ceil worstCaseSeconds);
       };

@@ -142,7 +142,8 @@ in
         wantedBy = [ "multi-user.target" ];
         after = [ "local-fs.target" ];
         unitConfig.ConditionPathExists = "!/var/lib/nix-dabei/grown";
-        path = [ pkgs.gptfdisk pkgs.cloud-utils pkgs.util-linux pkgs.gawk config.boot.zfs.package ];
+        # growpart lives in the guest output of cloud-utils (as in nixpkgs' grow-partition module).
+        path = [ pkgs.gptfdisk pkgs.cloud-utils.guest pkgs.util-linux pkgs.gawk config.boot.zfs.package ];
         serviceConfig = { Type = "oneshot"; RemainAfterExit = true; };
         script = ''
           set -euo pipefail

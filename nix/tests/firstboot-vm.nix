@@ -48,9 +48,17 @@ pkgs.testers.runNixOSTest {
       metadataBackoffSeconds = 1;
       rebuildCommand = [ "${fakeRebuild}" "{flake}" "{hostname}" ];
       rebuildBackoffSeconds = 1;
-      seedDevice = "/dev/vdb";
+      # As on a server: the program finds the seed by reading the GPT of every disk.
+      seedDevice = "auto";
     };
-    virtualisation.qemu.options = [ "-drive file=$TMPDIR/seed.img,format=raw,if=virtio" ];
+    # The seed disk straight from the store: snapshot=on opens it read-only and keeps the guest's writes
+    # (the wipe) in a temporary overlay. (The test driver starts QEMU with TMPDIR set to the machine's
+    # state directory, not the driver's, so a copy made by the test script would not be found.)
+    virtualisation.qemu.options = [ "-drive file=${seedDisk}/seed.img,format=raw,if=virtio,snapshot=on" ];
+    # The test VLAN has no DHCP server: network-online must not wait for it.
+    systemd.network.wait-online.anyInterface = true;
+    environment.systemPackages = [ pkgs.jq ];
+    environment.etc."nix-dabei-test/host_key.pub".source = "${seedDisk}/host_key.pub";
     systemd.services.fake-metadata = {
       wantedBy = [ "multi-user.target" ];
       before = [ "nix-dabei-firstboot.service" ];
@@ -58,25 +66,20 @@ pkgs.testers.runNixOSTest {
     };
   };
   testScript = ''
-    import os, shutil
-    seed = os.path.join(os.environ["TMPDIR"], "seed.img")
-    shutil.copy("${seedDisk}/seed.img", seed)
-    os.chmod(seed, 0o644)
-
     machine.start()
     machine.wait_for_unit("nix-dabei-seed.service")
-    machine.succeed("cmp /etc/ssh/ssh_host_ed25519_key.pub ${seedDisk}/host_key.pub")
+    machine.succeed("cmp /etc/ssh/ssh_host_ed25519_key.pub /etc/nix-dabei-test/host_key.pub")
     machine.succeed("grep -q ops@example /root/.ssh/authorized_keys")
     machine.wait_until_succeeds(
-        "${pkgs.jq}/bin/jq -e '.phase == \"converged\"' /var/lib/nix-dabei/status.json", timeout=300
+        "jq -e '.phase == \"converged\"' /var/lib/nix-dabei/status.json", timeout=300
     )
     machine.succeed("test ! -e /var/lib/nix-dabei/pending")
     machine.succeed("grep -qx 'github:example/hosts installer-test' /var/lib/nix-dabei/rebuild-args")
     machine.succeed("grep -q 'MACAddress=${mac}' /run/systemd/network/10-nix-dabei-uplink.network")
     machine.wait_until_succeeds("ip -6 addr show | grep -q 2a01:4f8:c0c:7bc5::1", timeout=60)
-    machine.succeed("nix-dabei status | ${pkgs.jq}/bin/jq -e '.status.hostname == \"installer-test\"'")
+    machine.succeed("nix-dabei status | jq -e '.status.hostname == \"installer-test\"'")
     # The seed was wiped: the partition holds only zeros now.
-    machine.succeed("test -z \"$(head -c 4096 /dev/vdb1 | tr -d '\\000')\"")
+    machine.succeed("test -z \"$(head -c 4096 /dev/disk/by-partlabel/dabei-seed | tr -d '\\000')\"")
     machine.wait_for_unit("sshd.service")
   '';
 }
