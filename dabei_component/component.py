@@ -237,6 +237,8 @@ class Fleet(pulumi.ComponentResource):
                     "disk": h.disk,
                     "flake": h.flake,
                     "hostname": h.name,
+                    "server_type": h.server_type,
+                    "location": h.location,
                     "host_public_key": self.keys.host_public_keys.apply(lambda k, n=h.name: k[n]),
                     "authorized_keys": authorized[h.name],
                 }
@@ -260,9 +262,10 @@ class Fleet(pulumi.ComponentResource):
             out_path=self.image.out_path,
             seed_size=self.image.seed_size,
         )
+        rescue_results = ("rescue_host_key", "rescue_boot_id", "rescue_action_id")
         self.install = Install(
             f"{name}-install",
-            hosts=_with_results(host_inputs, self.rescue.hosts, ("rescue_host_key", "rescue_boot_id")),
+            hosts=_with_results(host_inputs, self.rescue.hosts, rescue_results),
             image=image_outputs,
             rescue_ssh_key_ids=rescue_keys,
             deploy_private_key=self.keys.deploy_private_key,

@@ -1,8 +1,15 @@
 """The few Hetzner Cloud calls the steps need, over the official `hcloud` library.
 
 The library already retries rate limits and gateway errors a few times; this wrapper adds what a step that
-runs for minutes needs on top: retrying `locked` (another action runs on the server) and transient server
-errors until the step's own deadline, and error messages that name the server and the call.
+runs for minutes needs on top: retrying with backoff until the step's own deadline, and error messages
+that name the server, the call and the API's error.
+
+What is retried depends on what the answer says about the request:
+- the API did not act on it (`locked`, `conflict`, `rate_limit_exceeded`, 503 `service_error`,
+  `unavailable`, `maintenance`): retried for every call;
+- it is unknown whether it took effect (500 `server_error`, 502, 504, `timeout`, a broken connection):
+  retried only for calls that may be repeated (reads, enabling rescue, powering on). A reset is not
+  repeated: a second reset could boot the server out of the rescue system the first one booted.
 """
 
 from __future__ import annotations
@@ -10,8 +17,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import requests
 from hcloud import APIException, Client
 from hcloud.actions import BoundAction
 from hcloud.servers import Server
@@ -19,9 +27,31 @@ from hcloud.ssh_keys import SSHKey
 
 T = TypeVar("T")
 
-# Errors worth another try: the server is busy, the API is briefly unavailable, or the budget is spent.
-_RETRYABLE_CODES = {"locked", "rate_limit_exceeded", "conflict", "timeout", "service_error", "unavailable"}
-_RETRYABLE_STATUS = {500, 502, 503, 504}
+_NOT_PROCESSED: set[str | int] = {
+    "locked",
+    "conflict",
+    "rate_limit_exceeded",
+    "service_error",
+    "unavailable",
+    "maintenance",
+    423,
+    429,
+    503,
+}
+_OUTCOME_UNKNOWN: set[str | int] = {"server_error", "bad_gateway", "timeout", 500, 502, 504}
+_BACKOFF_MAX_SECONDS = 30.0
+# Actions after which a server no longer runs the system it ran before (a rescue session ends with them).
+RESTART_COMMANDS = frozenset(
+    {
+        "start_server",
+        "stop_server",
+        "shutdown_server",
+        "reboot_server",
+        "reset_server",
+        "rebuild_server",
+        "change_server_type",
+    }
+)
 
 
 class HetznerError(RuntimeError):
@@ -37,44 +67,71 @@ class ServerInfo:
     ipv6: str | None
     rescue_enabled: bool
     disk_bytes: int
+    locked: bool  # an action runs on the server
 
 
-def _retryable(exc: APIException) -> bool:
-    return exc.code in _RETRYABLE_CODES or exc.code in _RETRYABLE_STATUS
+def _no_log(_message: str) -> None:
+    pass
 
 
 class HetznerApi:
     """Deadline-aware calls for one provider run. Holds the token only in memory, never in state."""
 
-    def __init__(self, token: str, endpoint: str | None = None, *, poll_interval: float = 1.0) -> None:
-        kwargs = {"api_endpoint": endpoint} if endpoint else {}
+    def __init__(
+        self,
+        token: str,
+        endpoint: str | None = None,
+        *,
+        poll_interval: float = 1.0,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        kwargs: dict[str, Any] = {"api_endpoint": endpoint} if endpoint else {}
         self._client = Client(
             token=token, application_name="nix-dabei", poll_interval=poll_interval, timeout=30, **kwargs
         )
         self._poll_interval = poll_interval
+        self._log = log or _no_log
 
-    def _call(self, what: str, fn: Callable[[], T], deadline: float) -> T:
+    def _call(self, what: str, fn: Callable[[], T], deadline: float, *, repeatable: bool = True) -> T:
         delay = self._poll_interval
         while True:
             try:
                 return fn()
             except APIException as exc:
-                if not _retryable(exc) or time.monotonic() + delay > deadline:
-                    raise HetznerError(f"{what}: {exc.code}: {exc.message}") from None
+                code, error = exc.code, f"{exc.code}: {exc.message}"
+            except requests.RequestException as exc:
+                code, error = "connection", f"no answer from the API ({type(exc).__name__})"
+            retry = code in _NOT_PROCESSED or (repeatable and (code in _OUTCOME_UNKNOWN or code == "connection"))
+            if not retry:
+                unsafe = code in _OUTCOME_UNKNOWN or code == "connection"
+                note = " (not retried: the request may have taken effect)" if unsafe else ""
+                raise HetznerError(f"{what}: {error}{note}")
+            if time.monotonic() + delay > deadline:
+                raise HetznerError(f"{what}: {error} (still failing at the step's deadline)")
+            self._log(f"{what}: {error}; retrying in {delay:g}s")
             time.sleep(delay)
-            delay = min(delay * 2, 30.0)
+            delay = min(delay * 2, _BACKOFF_MAX_SECONDS)
 
     def server(self, server_id: int, deadline: float) -> ServerInfo:
         s = self._call(f"get server {server_id}", lambda: self._client.servers.get_by_id(server_id), deadline)
         return ServerInfo(
-            id=s.id,
-            name=s.name,
-            status=s.status,
+            id=server_id,
+            name=s.name or "",
+            status=s.status or "unknown",
             ipv4=s.public_net.ipv4.ip if s.public_net and s.public_net.ipv4 else None,
             ipv6=s.public_net.ipv6.ip if s.public_net and s.public_net.ipv6 else None,
             rescue_enabled=bool(s.rescue_enabled),
-            disk_bytes=int(s.server_type.disk) * 1000**3,
+            disk_bytes=int(s.server_type.disk or 0) * 1000**3 if s.server_type else 0,
+            locked=bool(s.locked),
         )
+
+    def wait_unlocked(self, server_id: int, deadline: float) -> None:
+        """Wait until no action runs on the server (one a crashed earlier run started, for example)."""
+        while self.server(server_id, deadline).locked:
+            if time.monotonic() + self._poll_interval > deadline:
+                raise HetznerError(f"server {server_id} is still locked by a running action at the step's deadline")
+            self._log(f"server {server_id} is locked by a running action; waiting")
+            time.sleep(self._poll_interval)
 
     def ssh_key_id(self, name_or_id: str | int, deadline: float) -> int:
         def lookup() -> SSHKey | None:
@@ -89,38 +146,73 @@ class HetznerApi:
 
     def _wait(self, what: str, action: BoundAction, deadline: float) -> None:
         while True:
-            action.reload()
+            self._call(what, action.reload, deadline)
             if action.status == "success":
                 return
             if action.status == "error":
-                err = action.error or {}
-                raise HetznerError(f"{what}: action {action.id} failed: {err.get('code')}: {err.get('message')}")
+                err = action.error
+                reason = f"{err['code']}: {err['message']}" if err else "no reason given"
+                raise HetznerError(f"{what}: action {action.id} failed: {reason}")
             if time.monotonic() + self._poll_interval > deadline:
                 raise HetznerError(f"{what}: action {action.id} still running at the step's deadline")
             time.sleep(self._poll_interval)
 
-    def _server_action(self, server_id: int, what: str, deadline: float, call: Callable[..., BoundAction]) -> None:
+    def _server_action(
+        self,
+        server_id: int,
+        what: str,
+        deadline: float,
+        call: Callable[[], Any],
+        *,
+        repeatable: bool,
+    ) -> int:
+        """Run a server action to its end; returns the action's ID."""
         label = f"{what} on server {server_id}"
-        action = self._call(label, call, deadline)
+        action = self._call(label, call, deadline, repeatable=repeatable)
         # The library hands back either a BoundAction or a response object that carries one.
-        bound = action if isinstance(action, BoundAction) else action.action  # type: ignore[attr-defined]
+        bound = action if isinstance(action, BoundAction) else action.action
         self._wait(label, bound, deadline)
+        return int(bound.id)
 
-    def enable_rescue(self, server_id: int, ssh_key_ids: list[int], deadline: float) -> None:
+    def enable_rescue(self, server_id: int, ssh_key_ids: list[int], deadline: float) -> int:
         """Enable the linux64 rescue system with the given keys; the root password it returns is dropped."""
         servers = self._client.servers
-        self._server_action(
+        return self._server_action(
             server_id,
             "enable rescue",
             deadline,
+            # The API takes key IDs (integers); the library's annotation says strings.
             lambda: servers.enable_rescue(Server(id=server_id), type="linux64", ssh_keys=ssh_key_ids),  # type: ignore[arg-type]
+            repeatable=True,
         )
 
-    def reset(self, server_id: int, deadline: float) -> None:
-        self._server_action(server_id, "reset", deadline, lambda: self._client.servers.reset(Server(id=server_id)))
+    def reset(self, server_id: int, deadline: float) -> int:
+        return self._server_action(
+            server_id, "reset", deadline, lambda: self._client.servers.reset(Server(id=server_id)), repeatable=False
+        )
 
-    def power_on(self, server_id: int, deadline: float) -> None:
-        if self.server(server_id, deadline).status != "running":
-            self._server_action(
-                server_id, "power on", deadline, lambda: self._client.servers.power_on(Server(id=server_id))
-            )
+    def power_on(self, server_id: int, deadline: float) -> int:
+        """Power the server on (a server that already runs is left as it is); returns the action's ID."""
+        return self._server_action(
+            server_id,
+            "power on",
+            deadline,
+            lambda: self._client.servers.power_on(Server(id=server_id)),
+            repeatable=True,
+        )
+
+    def restarted_since(self, server_id: int, action_id: int, deadline: float) -> bool:
+        """Whether the server was restarted (reset, rebooted, powered off or on, ...) after action `action_id`."""
+        server = Server(id=server_id)
+        page = self._call(
+            f"list actions of server {server_id}",
+            lambda: self._client.servers.get_actions_list(server, sort=["id:desc"], per_page=50),
+            deadline,
+        )
+        return any(a.id is not None and a.id > action_id and a.command in RESTART_COMMANDS for a in page.actions)
+
+    def catalog(self, deadline: float) -> tuple[set[str], set[str]]:
+        """The names of the server types and of the locations this project can use."""
+        types = self._call("list server types", self._client.server_types.get_all, deadline)
+        locations = self._call("list locations", self._client.locations.get_all, deadline)
+        return {t.name for t in types if t.name}, {loc.name for loc in locations if loc.name}

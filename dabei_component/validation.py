@@ -6,11 +6,13 @@ what was expected, so the message alone tells the user how to fix the input.
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
 
-from .keys import parse_public_key
+from .keys import parse_public_key, public_key_of
 
 Problem = tuple[str, str]
 
@@ -118,3 +120,54 @@ def firewall_ids(prop: str, value: Any) -> list[Problem]:
     ):
         return [(prop, f"expected a list of firewall ids (positive integers), got {value!r}")]
     return []
+
+
+def public_key(prop: str, value: Any) -> list[Problem]:
+    """One OpenSSH public key line (`type base64 [comment]`)."""
+    try:
+        parse_public_key(value, name=prop)
+    except ValueError as exc:
+        reason = str(exc).removeprefix(f"{prop}: ")
+        return [(prop, f"expected one OpenSSH public key line such as 'ssh-ed25519 AAAA...'; {reason}")]
+    return []
+
+
+def public_keys(prop: str, value: Any) -> list[Problem]:
+    """A non-empty list of OpenSSH public key lines, one key per entry."""
+    if not isinstance(value, list) or not value:
+        return [(prop, f"expected a non-empty list of OpenSSH public keys, got {_kind(value)}")]
+    return [p for i, key in enumerate(value) for p in public_key(f"{prop}[{i}]", key)]
+
+
+def private_key(prop: str, value: Any) -> list[Problem]:
+    """An unencrypted OpenSSH private key; the reason never echoes the value."""
+    try:
+        public_key_of(value)
+    except ValueError:
+        return [(prop, "expected an unencrypted OpenSSH private key (the value is not shown)")]
+    return []
+
+
+def hetzner_id(prop: str, value: Any, what: str = "server") -> list[Problem]:
+    # State hands integers back as floats: 17.0 is the server 17.
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value != int(value)
+        or value < 1
+    ):
+        return [(prop, f"expected a Hetzner {what} ID (a positive integer), got {value!r}")]
+    return []
+
+
+def ipv4(prop: str, value: Any) -> list[Problem]:
+    try:
+        ipaddress.IPv4Address(value)
+    except (ipaddress.AddressValueError, ValueError, TypeError):
+        return [(prop, f"expected an IPv4 address like 192.0.2.10, got {value!r}")]
+    return []
+
+
+def _kind(value: Any) -> str:
+    return repr(value) if isinstance(value, str | int | float | type(None)) else type(value).__name__

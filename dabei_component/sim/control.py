@@ -2,7 +2,8 @@
 
 - `GET /_sim/durations`, `PUT /_sim/durations` (partial: `{"boot": 0.5, ...}`): action durations in seconds
   (`create`, `boot`, `shutdown`, `poweroff`, `reboot`, `reset`, `rescue_enable`, `rescue_disable`,
-  `create_image`, `delete`) and `rescue_expiry` (how long enabled rescue lasts without a boot).
+  `create_image`, `delete`), `rescue_expiry` (how long enabled rescue lasts without a boot) and `rebuild`
+  (how long each `nixos-rebuild` of an installed system takes; read when the system boots).
 - `GET /_sim/faults`, `PUT /_sim/faults` (replaces all), `DELETE /_sim/faults` (clears): API faults, see
   `faults.py` for the body: error answers (any status and code, 429 with `RateLimit-Reset`) for a route
   pattern and method, failing actions per command (`create_server`, `start_server`, `stop_server`,

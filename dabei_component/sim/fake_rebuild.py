@@ -3,7 +3,8 @@
 It records the flake reference in `<root>/var/lib/nix-dabei-sim/rebuilds.log` and points
 `<root>/run/current-system` at a store path derived from the flake reference. Tests make rebuilds fail by
 writing a number N into `<root>/var/lib/nix-dabei-sim/fail-rebuilds` (the next N rebuilds fail), or
-`always`.
+`always`. `--seconds S` makes each rebuild take S seconds (sleeping, as a build waits on downloads), so
+benchmarks can give the rebuild a realistic share of an installation.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import hashlib
 import os
 import sys
+import time
 from pathlib import Path
 
 SIM_STATE = "var/lib/nix-dabei-sim"
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", required=True, type=Path, help="root of the simulated installed system")
     parser.add_argument("--flake", required=True, help="flake reference (without #hostname)")
     parser.add_argument("--hostname", required=True, help="nixosConfigurations attribute to switch to")
+    parser.add_argument("--seconds", type=float, default=0.0, help="how long the rebuild takes (default 0)")
     args = parser.parse_args(argv)
     if not args.root.is_absolute():
         parser.error(f"--root must be an absolute path, got {str(args.root)!r}")
@@ -58,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--flake must not be empty")
     if not args.hostname.strip() or "/" in args.hostname:
         parser.error(f"--hostname must be a host name, got {args.hostname!r}")
+    if not 0 <= args.seconds <= 3600:
+        parser.error(f"--seconds must be between 0 and 3600, got {args.seconds:g}")
 
+    time.sleep(args.seconds)
     state = args.root / SIM_STATE
     state.mkdir(parents=True, exist_ok=True)
     if _take_failure(state / "fail-rebuilds"):

@@ -27,6 +27,7 @@ from dabei_firstboot.seed import SeedError, find_seed_partition, read_seed
 from .disk import Disk
 from .fake_rebuild import SIM_STATE
 from .sshd import FaultProxy, NamespacedProcess, PrivateDev, SshDaemon, SshdSettings, free_port
+from .state import Durations
 
 log = logging.getLogger(__name__)
 
@@ -386,6 +387,8 @@ class InstalledNixosHook:
     metadata_timeout_seconds: float = 5.0
     rebuild_retries: int = 3
     rebuild_backoff_seconds: float = 0.2
+    # The simulator's durations; `rebuild` is how long each rebuild attempt takes (none: instant).
+    durations: Durations | None = None
 
     async def __call__(self, machine: Machine) -> None:
         disk, root = machine.disk_path, machine.rootfs
@@ -439,6 +442,8 @@ class InstalledNixosHook:
                 "{flake}",
                 "--hostname",
                 "{hostname}",
+                "--seconds",
+                str(self.durations.rebuild if self.durations is not None else 0.0),
             ],
             "rebuild_retries": self.rebuild_retries,
             "rebuild_backoff_seconds": self.rebuild_backoff_seconds,

@@ -55,6 +55,13 @@ def real_machine(spec: dict[str, Any], ssh_port: int, boot_hook: Any) -> Machine
     return machine
 
 
+def default_boot_hook(durations: Durations) -> Any:
+    """The installed NixOS emulation, its rebuild taking `durations.rebuild` (read at each boot)."""
+    from .machine import InstalledNixosHook
+
+    return InstalledNixosHook(durations=durations)
+
+
 Work = Callable[[], Awaitable[None]]
 
 
@@ -197,7 +204,8 @@ class Project:
             "state_dir": self.state_dir / "servers" / str(server.id),
             "metadata_url": self.metadata_url(server.id),
         }
-        machine = self.machine_factory(spec, self.ssh_port, self.boot_hook)
+        boot_hook = self.boot_hook if self.boot_hook is not None else default_boot_hook(self.durations)
+        machine = self.machine_factory(spec, self.ssh_port, boot_hook)
         self.machines[server.id] = machine
         return machine
 

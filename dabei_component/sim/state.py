@@ -32,6 +32,8 @@ class Durations:
     create_image: float = 0.2
     delete: float = 0.1
     rescue_expiry: float = 3600.0
+    # How long the installed system's `nixos-rebuild switch` (the fake one) takes, per attempt.
+    rebuild: float = 0.0
 
     def to_json(self) -> dict[str, float]:
         return dataclasses.asdict(self)

@@ -31,6 +31,7 @@ from pulumi.dynamic import (
     UpdateResult,
 )
 
+from .. import validation
 from ..settings import ProviderSettings
 
 # The value of a property that is not known yet at preview (an output of a resource still to be created).
@@ -86,6 +87,87 @@ def as_int(value: Any) -> int:
     return int(value)
 
 
+# The per-host inputs every host step receives from the component, each with its check.
+HOST_INPUT_CHECKS: dict[str, Callable[[str, Any], list[validation.Problem]]] = {
+    "server_id": validation.hetzner_id,
+    "ipv4": validation.ipv4,
+    "hostname": validation.hostname,
+    "flake": validation.flake_ref,
+    "host_public_key": validation.public_key,
+    "authorized_keys": validation.public_keys,
+}
+# Optional per-host inputs (the steps fall back to a default when absent).
+OPTIONAL_HOST_INPUT_CHECKS: dict[str, Callable[[str, Any], list[validation.Problem]]] = {
+    "disk": validation.disk,
+    "reinstall": validation.reinstall,
+}
+# No two hosts of a fleet may share these: two entries for one server would write its disk twice.
+UNIQUE_HOST_INPUTS = ("server_id", "ipv4")
+
+
+def check_host(name: str, host: Any) -> list[validation.Problem]:
+    where = f"hosts.{name}"
+    if not isinstance(host, Mapping):
+        return [(where, f"expected a map of host settings, got {type(host).__name__}")]
+    problems = validation.hostname(where, name)
+    for field_name, check in HOST_INPUT_CHECKS.items():
+        value = host.get(field_name)
+        if field_name not in host or value is None:
+            problems.append((f"{where}.{field_name}", "required"))
+        elif not is_unknown(value):
+            problems += check(f"{where}.{field_name}", value)
+    for field_name, check in OPTIONAL_HOST_INPUT_CHECKS.items():
+        value = host.get(field_name)
+        if value is not None and not is_unknown(value):
+            problems += check(f"{where}.{field_name}", value)
+    hostname = host.get("hostname")
+    if isinstance(hostname, str) and not is_unknown(hostname) and hostname != name:
+        problems.append((f"{where}.hostname", f"expected the host's name {name!r}, got {hostname!r}"))
+    return problems
+
+
+def check_step_inputs(news: Mapping[str, Any]) -> list[validation.Problem]:
+    """The checks every host step shares: the host map, each host, duplicates, deadline, deploy key."""
+    problems: list[validation.Problem] = []
+    hosts = news.get("hosts")
+    if not is_unknown(hosts):
+        if not isinstance(hosts, Mapping) or not hosts:
+            got = "an empty map" if isinstance(hosts, Mapping) else type(hosts).__name__
+            problems.append(("hosts", f"expected a non-empty map of host name to host settings, got {got}"))
+        else:
+            for name, host in hosts.items():
+                problems += check_host(name, host)
+            for field_name in UNIQUE_HOST_INPUTS:
+                owners: dict[Any, str] = {}
+                for name, host in sorted(hosts.items()):
+                    value = host.get(field_name) if isinstance(host, Mapping) else None
+                    if value is None or is_unknown(value) or isinstance(value, dict | list):
+                        continue
+                    if value in owners:
+                        problems.append(
+                            (
+                                f"hosts.{name}.{field_name}",
+                                f"duplicate {field_name} {value!r}, also given for host {owners[value]!r}: "
+                                "every host needs its own",
+                            )
+                        )
+                    owners.setdefault(value, name)
+    deadline = news.get("deadline_seconds")
+    if not is_unknown(deadline):
+        problems += validation.positive_seconds("deadline_seconds", deadline)
+    key = news.get("deploy_private_key")
+    if "deploy_private_key" in news and not is_unknown(key):
+        problems += validation.private_key("deploy_private_key", key)
+    key_ids = news.get("rescue_ssh_key_ids")
+    if "rescue_ssh_key_ids" in news and not is_unknown(key_ids):
+        if not isinstance(key_ids, list) or not key_ids:
+            problems.append(("rescue_ssh_key_ids", f"expected a non-empty list of SSH key IDs, got {key_ids!r}"))
+        else:
+            for i, key_id in enumerate(key_ids):
+                problems += validation.hetzner_id(f"rescue_ssh_key_ids[{i}]", key_id, "SSH key")
+    return problems
+
+
 class FleetStep(ResourceProvider):
     """Base of the step providers. Subclasses set the class attributes and implement `apply_host`."""
 
@@ -129,22 +211,17 @@ class FleetStep(ResourceProvider):
     # -- the Pulumi provider protocol --------------------------------------------------------------
 
     def check(self, olds: dict[str, Any], news: dict[str, Any]) -> CheckResult:
-        hosts = news.get("hosts")
-        failures: list[CheckFailure] = []
-        if not isinstance(hosts, Mapping) and not is_unknown(hosts):
-            failures.append(CheckFailure("hosts", "expected a map of host name to host settings"))
-        deadline = news.get("deadline_seconds")
-        if not is_unknown(deadline) and (
-            not isinstance(deadline, int | float) or isinstance(deadline, bool) or deadline <= 0
-        ):
-            failures.append(CheckFailure("deadline_seconds", f"expected a positive number, got {deadline!r}"))
+        """Reject malformed inputs at preview, before any SSH connection and before any API call but the
+        catalog read of `check_inputs` (rescue step). Values not known yet (outputs of resources still to
+        be created) are checked on the run that knows them."""
+        failures = [CheckFailure(prop, reason) for prop, reason in check_step_inputs(news)]
         if not failures:
             failures += self.check_inputs(news)
         return CheckResult(news, failures)
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
         old_hosts = olds.get("hosts") or {}
-        new_hosts = news.get("hosts")
+        new_hosts = news["hosts"]
         if is_unknown(new_hosts) or any(is_unknown(news.get(f)) for f in self.shared_fields):
             return DiffResult(changes=True, replaces=[], delete_before_replace=False)
         changed = set(old_hosts) != set(new_hosts)

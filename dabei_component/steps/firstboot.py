@@ -67,8 +67,21 @@ class FirstBootProvider(FleetStep):
         except ValueError:
             raise HostError(f"`nix-dabei status` answered something that is not JSON: {done.stdout[:200]!r}") from None
 
+    async def _apply(self, ctx: HostContext, conn: asyncssh.SSHClientConnection, flake: str) -> None:
+        """`nix-dabei apply`: switch to `flake` and run the rebuild phase again; it ends converged or failed."""
+        cmd = f"nix-dabei apply --flake {shlex.quote(flake)}"
+        done = await run(conn, cmd, timeout=max(1.0, ctx.remaining()), check=False)
+        if done.exit_status != 0:
+            try:
+                raise HostError(_failure(json.loads(done.stdout)))
+            except ValueError:
+                raise HostError(f"`nix-dabei apply` failed: {done.stderr.strip()[-500:]}") from None
+
     async def _wait_converged(self, ctx: HostContext, host: Mapping[str, Any], deploy_key: str) -> dict[str, Any]:
+        """Poll the host's status until it converged. A first boot that had already failed when the
+        step began (the failure an earlier run reported, its cause fixed since) gets one more rebuild."""
         last_phase = None
+        first_read = True
         conn: asyncssh.SSHClientConnection | None = None
         try:
             while True:
@@ -89,11 +102,16 @@ class FirstBootProvider(FleetStep):
                     last_phase = phase
                 if phase == "converged":
                     return status
-                if phase == "failed":
+                if phase == "failed" and first_read:
+                    ctx.log(f"the first boot had failed ({st.get('last_error')}); running the rebuild again")
+                    await self._apply(ctx, conn, host["flake"])
+                elif phase == "failed":
                     raise HostError(_failure(status))
-                if ctx.remaining() < _POLL_SECONDS:
+                elif ctx.remaining() < _POLL_SECONDS:
                     raise HostError(f"not converged before the deadline; last phase {phase!r}: {st.get('last_error')}")
-                await asyncio.sleep(_POLL_SECONDS)
+                else:
+                    await asyncio.sleep(_POLL_SECONDS)
+                first_read = False
         finally:
             if conn is not None:
                 conn.close()
@@ -110,13 +128,7 @@ class FirstBootProvider(FleetStep):
             ctx.log(f"applying flake {host['flake']} in place")
             conn = await self._connect(ctx, host, deploy_key, ctx.deadline)
             with contextlib.closing(conn):
-                cmd = f"nix-dabei apply --flake {shlex.quote(host['flake'])}"
-                done = await run(conn, cmd, timeout=max(1.0, ctx.remaining()), check=False)
-                if done.exit_status != 0:
-                    try:
-                        raise HostError(_failure(json.loads(done.stdout)))
-                    except ValueError:
-                        raise HostError(f"`nix-dabei apply` failed: {done.stderr.strip()[-500:]}") from None
+                await self._apply(ctx, conn, host["flake"])
         status = await self._wait_converged(ctx, host, deploy_key)
         st = status["status"]
         if st.get("flake") and st["flake"] != host["flake"]:

@@ -1,8 +1,14 @@
 """Step 3, install: write the image and the host's seed onto its disk from rescue, then boot from disk.
 
-The pinned rescue session from the rescue step is reused when it is still there; when the server has left
-rescue since (a re-run after a failure, a reinstall), the step enters rescue again itself. A host that
-already answers as installed, with the host key the component generated for it, is not written again.
+The pinned rescue session from the rescue step is reused when it is still there. When its host key no
+longer matches, the API decides what that means: if the server was restarted since the session began (a
+re-run after a failure, a reinstall), the session is over and the step enters rescue again itself; if not,
+the key changed within the session and the host is refused. A host that already answers as installed,
+with the host key the component generated for it, is not written again.
+
+A write that fails on the way (the connection dropped, the stream damaged) is retried: first over a new
+connection to the same rescue session, then once more in a fresh rescue session. A refused disk (not a
+block device, in use, too small) is never retried.
 """
 
 from __future__ import annotations
@@ -12,20 +18,23 @@ import contextlib
 from collections.abc import Mapping
 from typing import Any
 
-import asyncssh
 import pulumi
 from dabei_firstboot.seed import encode_seed
 from pulumi.dynamic import CheckFailure
 
-from ..disk_writer import DiskWriteError, write_image
+from .. import validation
+from ..disk_writer import DiskRefused, DiskWriteError, WriteReport, write_image
 from ..hetzner import HetznerError
+from ..keys import fingerprint
 from ..ssh import HostKeyMismatch, SshError, connect, run
-from .base import FleetStep, HostContext, HostError, as_int, secret_options
+from .base import FleetStep, HostContext, HostError, as_int, is_unknown, secret_options
 from .image import ensure_prepared
-from .rescue import check_hosts, enter_rescue, hetzner_api, verify_rescue, wants_install
+from .rescue import RescueSession, enter_rescue, hetzner_api, verify_rescue, wants_install
 
 SECRET_INPUTS = ("deploy_private_key", "host_private_keys")
 _PROBE_SECONDS = 15.0
+# Attempts at writing one host: the pinned session, a new connection to it, a fresh rescue session.
+WRITE_ATTEMPTS = 3
 
 
 def _size(n: float) -> str:
@@ -51,7 +60,18 @@ class InstallProvider(FleetStep):
     secret_inputs = SECRET_INPUTS
 
     def check_inputs(self, news: dict[str, Any]) -> list[CheckFailure]:
-        return check_hosts(news)
+        keys, hosts = news.get("host_private_keys"), news["hosts"]
+        if is_unknown(keys) or is_unknown(hosts):
+            return []
+        if not isinstance(keys, Mapping):
+            return [CheckFailure("host_private_keys", "expected a map of host name to private host key")]
+        problems = []
+        for name in hosts:
+            if name not in keys:
+                problems.append((f"host_private_keys.{name}", "required: the host key written into the seed"))
+            elif not is_unknown(keys[name]):
+                problems += validation.private_key(f"host_private_keys.{name}", keys[name])
+        return [CheckFailure(prop, reason) for prop, reason in problems]
 
     def wants_action(self, name: str, old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
         return wants_install(old, new)
@@ -73,57 +93,107 @@ class InstallProvider(FleetStep):
             probe = await run(conn, "nix-dabei status", timeout=30, check=False)
         return probe.exit_status == 0
 
-    async def _rescue_session(
-        self, ctx: HostContext, host: Mapping[str, Any], props: Mapping[str, Any]
-    ) -> tuple[asyncssh.SSHClientConnection, str]:
-        """The pinned rescue session if the server is still in it, else a new one. Returns (conn, boot id)."""
+    async def _pinned_session(
+        self, ctx: HostContext, host: Mapping[str, Any], props: Mapping[str, Any], pin: tuple[str, int]
+    ) -> RescueSession | None:
+        """A new connection to the pinned rescue session (host key, ID of the action that started it);
+        None when the server has left it."""
         assert self.settings is not None
-        pinned = host.get("rescue_host_key")
-        if pinned:
-            try:
-                conn, _ = await connect(
-                    host["ipv4"],
-                    port=self.settings.ssh_port,
-                    client_key=props["deploy_private_key"],
-                    host_key=pinned,
-                    deadline=asyncio.get_running_loop().time() + min(_PROBE_SECONDS, ctx.remaining()),
-                )
-                return conn, await verify_rescue(conn, host.get("disk") or "/dev/sda")
-            except (HostKeyMismatch, SshError):
-                ctx.log("the pinned rescue session is gone; entering rescue again")
-        conn, _, boot_id = await enter_rescue(ctx, self, host, props)
-        return conn, boot_id
-
-    async def apply_host(self, ctx: HostContext, host: dict[str, Any], props: dict[str, Any]) -> dict[str, Any]:
-        image = props["image"]
-        if ctx.old is None and await self._installed(ctx, host, props):
-            ctx.log("already installed (the host answers with its generated key); not writing again")
-            return {"installed_image": host["image"]}
-        prepared = await asyncio.to_thread(ensure_prepared, image)
-        seed = encode_seed(seed_document(host, props["host_private_keys"][ctx.name]), as_int(image["seed_size"]))
-        conn, boot_id = await self._rescue_session(ctx, host, props)
+        host_key, action_id = pin
         try:
-            report = await write_image(
-                conn,
-                prepared,
+            conn, _ = await connect(
+                host["ipv4"],
+                port=self.settings.ssh_port,
+                client_key=props["deploy_private_key"],
+                host_key=host_key,
+                deadline=asyncio.get_running_loop().time() + min(_PROBE_SECONDS, ctx.remaining()),
+            )
+        except HostKeyMismatch as exc:
+            api = hetzner_api(self, ctx)
+            try:
+                restarted = await asyncio.to_thread(
+                    api.restarted_since, as_int(host["server_id"]), action_id, ctx.deadline
+                )
+            except HetznerError as err:
+                raise HostError(f"{exc}; cannot tell whether the rescue session ended: {err}") from None
+            if not restarted:
+                raise HostError(
+                    f"refusing to write: the rescue system changed its host key within one session "
+                    f"(pinned {fingerprint(host_key)}, the server was not restarted since): {exc}"
+                ) from None
+            ctx.log("the server was restarted since the pinned rescue session; entering rescue again")
+            return None
+        except SshError:
+            ctx.log("the pinned rescue session does not answer; entering rescue again")
+            return None
+        try:
+            boot_id = await verify_rescue(conn, host.get("disk") or "/dev/sda")
+        except BaseException:
+            conn.close()
+            raise
+        return RescueSession(conn, host_key, boot_id, action_id)
+
+    async def _write(
+        self, ctx: HostContext, session: RescueSession, host: Mapping[str, Any], image: Any, seed: bytes
+    ) -> WriteReport:
+        ctx.log(f"writing the image to {host.get('disk') or '/dev/sda'} ({_size(image.compressed_size)} compressed)")
+        try:
+            return await write_image(
+                session.conn,
+                image,
                 disk=host.get("disk") or "/dev/sda",
                 seed=seed,
                 progress=lambda p: ctx.log(
                     f"{_size(p.bytes_sent)} of {_size(p.total_bytes)} compressed sent, {_size(p.rate)}/s"
                 ),
             )
-        except DiskWriteError as exc:
-            raise HostError(str(exc)) from None
         finally:
-            conn.close()
+            session.conn.close()
+
+    async def apply_host(self, ctx: HostContext, host: dict[str, Any], props: dict[str, Any]) -> dict[str, Any]:
+        image = props["image"]
+        try:
+            # An action left running by an earlier, interrupted run (a reset into the written disk) decides
+            # what the server runs: look at the host only once it has ended.
+            await asyncio.to_thread(hetzner_api(self, ctx).wait_unlocked, as_int(host["server_id"]), ctx.deadline)
+        except HetznerError as exc:
+            raise HostError(str(exc)) from None
+        if ctx.old is None and await self._installed(ctx, host, props):
+            ctx.log("already installed (the host answers with its generated key); not writing again")
+            return {"installed_image": host["image"]}
+        prepared = await asyncio.to_thread(ensure_prepared, image)
+        seed = encode_seed(seed_document(host, props["host_private_keys"][ctx.name]), as_int(image["seed_size"]))
+        pin: tuple[str, int] | None = None
+        if host.get("rescue_host_key") and host.get("rescue_action_id") is not None:
+            pin = (host["rescue_host_key"], as_int(host["rescue_action_id"]))
+        report: WriteReport | None = None
+        session: RescueSession | None = None
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            session = None
+            if pin is not None and attempt < WRITE_ATTEMPTS:
+                session = await self._pinned_session(ctx, host, props, pin)
+            if session is None:
+                session = await enter_rescue(ctx, self, host, props)
+            pin = (session.host_key, session.action_id)
+            try:
+                report = await self._write(ctx, session, host, prepared, seed)
+                break
+            except DiskRefused as exc:
+                raise HostError(str(exc)) from None
+            except DiskWriteError as exc:
+                if attempt == WRITE_ATTEMPTS:
+                    raise HostError(f"{exc} (gave up after {attempt} attempts)") from None
+                again = "over a new connection" if attempt + 1 < WRITE_ATTEMPTS else "in a fresh rescue session"
+                ctx.log(f"write attempt {attempt} failed: {exc}; retrying {again}")
+        assert report is not None and session is not None
         ctx.log("image verified on disk; booting the installed system")
         try:
-            await asyncio.to_thread(hetzner_api(self).reset, as_int(host["server_id"]), ctx.deadline)
+            await asyncio.to_thread(hetzner_api(self, ctx).reset, as_int(host["server_id"]), ctx.deadline)
         except HetznerError as exc:
             raise HostError(str(exc)) from None
         return {
             "installed_image": host["image"],
-            "rescue_boot_id": boot_id,
+            "rescue_boot_id": session.boot_id,
             "bytes_sent": report.bytes_sent,
             "write_seconds": round(report.seconds, 3),
         }

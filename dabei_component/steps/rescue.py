@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import shlex
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import asyncssh
@@ -18,11 +20,10 @@ from pulumi.dynamic import CheckFailure
 
 from ..hetzner import HetznerApi, HetznerError
 from ..ssh import SshError, connect, run
-from .base import FleetStep, HostContext, HostError, as_int, secret_options
+from .base import FleetStep, HostContext, HostError, as_int, is_unknown, secret_options
 
 # Enough for a script to tell a rescue system from anything else, in one round trip.
 _PROBE = "hostname; cat /proc/sys/kernel/random/boot_id; test -b {disk} && echo block || echo missing"
-INSTALL_POLICIES = ("on-image-change", "never")
 
 
 async def verify_rescue(conn: asyncssh.SSHClientConnection, disk: str) -> str:
@@ -39,18 +40,29 @@ async def verify_rescue(conn: asyncssh.SSHClientConnection, disk: str) -> str:
     return boot_id
 
 
-def hetzner_api(provider: FleetStep) -> HetznerApi:
+def hetzner_api(provider: FleetStep, ctx: HostContext) -> HetznerApi:
     settings = provider.settings
     if settings is None:
         raise HostError("the provider was not configured")
-    return HetznerApi(settings.require_token(), settings.endpoint)
+    return HetznerApi(settings.require_token(), settings.endpoint, log=ctx.log)
+
+
+@dataclass(frozen=True)
+class RescueSession:
+    """A rescue boot of one server: the connection, the pinned key, the boot id, and the action that
+    started it (any later restart of the server ends the session)."""
+
+    conn: asyncssh.SSHClientConnection
+    host_key: str
+    boot_id: str
+    action_id: int
 
 
 async def enter_rescue(
     ctx: HostContext, provider: FleetStep, host: Mapping[str, Any], props: Mapping[str, Any]
-) -> tuple[asyncssh.SSHClientConnection, str, str]:
-    """Enable rescue, reset, connect (pinning the new key) and verify. Returns (conn, host key, boot id)."""
-    api = hetzner_api(provider)
+) -> RescueSession:
+    """Enable rescue, reset, connect (pinning the new key) and verify."""
+    api = hetzner_api(provider, ctx)
     server_id = as_int(host["server_id"])
     key_ids = [as_int(k) for k in props["rescue_ssh_key_ids"]]
     try:
@@ -58,9 +70,9 @@ async def enter_rescue(
         await asyncio.to_thread(api.enable_rescue, server_id, key_ids, ctx.deadline)
         server = await asyncio.to_thread(api.server, server_id, ctx.deadline)
         if server.status == "off":
-            await asyncio.to_thread(api.power_on, server_id, ctx.deadline)
+            action_id = await asyncio.to_thread(api.power_on, server_id, ctx.deadline)
         else:
-            await asyncio.to_thread(api.reset, server_id, ctx.deadline)
+            action_id = await asyncio.to_thread(api.reset, server_id, ctx.deadline)
     except HetznerError as exc:
         raise HostError(str(exc)) from None
     settings = provider.settings
@@ -81,21 +93,46 @@ async def enter_rescue(
     except BaseException:
         conn.close()
         raise
-    return conn, host_key, boot_id
+    return RescueSession(conn, host_key, boot_id, action_id)
 
 
-def check_hosts(news: Mapping[str, Any]) -> list[CheckFailure]:
-    failures = []
-    for name, host in (news.get("hosts") or {}).items():
-        policy = host.get("reinstall", "on-image-change")
-        if policy not in INSTALL_POLICIES:
-            failures.append(
-                CheckFailure(
-                    f"hosts.{name}.reinstall",
-                    f"expected one of {', '.join(INSTALL_POLICIES)}, got {policy!r}",
-                )
-            )
-    return failures
+# Server type and location names offered by each API endpoint, read once per provider process.
+_CATALOGS: dict[str | None, tuple[set[str], set[str]]] = {}
+_CATALOG_SECONDS = 10.0
+
+
+def check_catalog(provider: FleetStep, hosts: Any) -> list[CheckFailure]:
+    """Unknown server types and locations, checked against the project's catalog when a token is set.
+
+    Only names (`cx22`, `fsn1`) are checked here; without a token, or when the API cannot be reached,
+    nothing is (pulumi-hcloud then names the bad value when it creates the server)."""
+    settings = provider.settings
+    wanted = [
+        (name, field, host[field])
+        for name, host in (hosts.items() if isinstance(hosts, Mapping) else [])
+        if isinstance(host, Mapping)
+        for field in ("server_type", "location")
+        if isinstance(host.get(field), str) and not is_unknown(host[field])
+    ]
+    if not wanted or settings is None or not settings.token:
+        return []
+    if settings.endpoint not in _CATALOGS:
+        api = HetznerApi(settings.token, settings.endpoint)
+        try:
+            _CATALOGS[settings.endpoint] = api.catalog(time.monotonic() + _CATALOG_SECONDS)
+        except HetznerError as exc:
+            pulumi.log.warn(f"server types and locations not checked: {exc}")
+            return []
+    server_types, locations = _CATALOGS[settings.endpoint]
+    known = {"server_type": server_types, "location": locations}
+    return [
+        CheckFailure(
+            f"hosts.{name}.{field}",
+            f"unknown {field.replace('_', ' ')} {value!r}; this project offers {', '.join(sorted(known[field]))}",
+        )
+        for name, field, value in wanted
+        if value not in known[field]
+    ]
 
 
 def wants_install(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
@@ -112,16 +149,20 @@ class RescueProvider(FleetStep):
     secret_inputs = ("deploy_private_key",)
 
     def check_inputs(self, news: dict[str, Any]) -> list[CheckFailure]:
-        return check_hosts(news)
+        return check_catalog(self, news.get("hosts"))
 
     def wants_action(self, name: str, old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
         return wants_install(old, new)
 
     async def apply_host(self, ctx: HostContext, host: dict[str, Any], props: dict[str, Any]) -> dict[str, Any]:
-        conn, host_key, boot_id = await enter_rescue(ctx, self, host, props)
-        conn.close()
+        session = await enter_rescue(ctx, self, host, props)
+        session.conn.close()
         ctx.log("rescue system up, host key pinned")
-        return {"rescue_host_key": host_key, "rescue_boot_id": boot_id}
+        return {
+            "rescue_host_key": session.host_key,
+            "rescue_boot_id": session.boot_id,
+            "rescue_action_id": session.action_id,
+        }
 
 
 class Rescue(pulumi.dynamic.Resource):

@@ -7,11 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dabei_component.sim import Durations
 from dabei_component.sim.fake_rebuild import store_hash, system_path
+from dabei_component.sim.machine import InstalledNixosHook, Machine, MachineSpec
 
 
 def rebuild(
-    root: Path, flake: str = "github:example/fleet", hostname: str = "web-1"
+    root: Path, flake: str = "github:example/fleet", hostname: str = "web-1", extra: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
@@ -24,6 +26,7 @@ def rebuild(
             flake,
             "--hostname",
             hostname,
+            *extra,
         ],
         capture_output=True,
         text=True,
@@ -71,6 +74,10 @@ def test_bad_arguments_and_counter_are_named(tmp_path: Path) -> None:
     assert result.returncode == 2 and "--root must be an absolute path" in result.stderr
     result = rebuild(tmp_path, hostname="a/b")
     assert result.returncode == 2 and "--hostname" in result.stderr
+    for seconds in ("-1", "nan", "soon"):
+        result = rebuild(tmp_path, extra=("--seconds", seconds))
+        assert result.returncode == 2 and "--seconds" in result.stderr
+    assert not (tmp_path / "run/current-system").exists()
     counter = tmp_path / "var/lib/nix-dabei-sim/fail-rebuilds"
     counter.parent.mkdir(parents=True)
     counter.write_text("sometimes\n")
@@ -85,3 +92,20 @@ def test_always_failing(tmp_path: Path) -> None:
     for _ in range(3):
         assert rebuild(tmp_path).returncode == 1
     assert counter.read_text().strip() == "always"
+
+
+def test_rebuild_duration_reaches_the_rebuild_command(tmp_path: Path) -> None:
+    spec = MachineSpec(1, "web-1", "127.77.200.1", "2001:db8::1", "aa:bb:cc:dd:ee:ff", 1 << 20, tmp_path, "http://x")
+    durations = Durations()
+    hook = InstalledNixosHook(durations=durations)
+    machine = Machine(spec, ssh_port=22, boot_hook=hook)
+    assert hook.program_config(machine)["rebuild_command"][-2:] == ["--seconds", "0.0"]
+    durations.update({"rebuild": 2.5})  # as PUT /_sim/durations does; the next boot reads it
+    assert hook.program_config(machine)["rebuild_command"][-2:] == ["--seconds", "2.5"]
+    assert InstalledNixosHook().program_config(machine)["rebuild_command"][-2:] == ["--seconds", "0.0"]
+
+
+def test_rebuild_with_seconds_still_switches(tmp_path: Path) -> None:
+    result = rebuild(tmp_path, extra=("--seconds", "0.1"))
+    assert result.returncode == 0, result.stderr
+    assert os.readlink(tmp_path / "run/current-system") == system_path("github:example/fleet", "web-1")

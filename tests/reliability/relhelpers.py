@@ -1,0 +1,305 @@
+"""Helpers of the reliability tests: an in-process simulator that records every API answer, stacks that
+run `up` through the real provider server (and can kill it at a chosen moment), a larger test image.
+
+The simulator runs on its own event loop thread in the test process, so every API response passes the
+`response_observer` (requests and statuses are counted exactly) while the provider server stays a
+separate process, as under `pulumi up`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+import socket
+import threading
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, cast
+
+from hcloud import Client
+
+from dabei_component.component import Deadlines, FleetArgs, HostArgs, ImageArgs
+from dabei_component.demo import FIXTURE_FLAKE, OFFLINE_NIX_ARGS, fixture_image_attr
+from dabei_component.localup import LocalEngine, Recorded
+from dabei_component.program import declare
+from dabei_component.provider_server import ProviderServer
+from dabei_component.sim import Simulator
+from dabei_component.sim.app import ObservedResponse
+
+DYNAMIC = "pulumi-python:dynamic:Resource"
+# The larger test image: 64 MiB with this many incompressible bytes, so offsets in its stream matter.
+PAYLOAD_BYTES = 24 * 1024 * 1024
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Answer:
+    method: str
+    route: str | None
+    path: str
+    status: int
+
+
+@dataclass
+class ApiLog:
+    """Every API answer of the simulator, in order; `root_passwords` from enable_rescue answers."""
+
+    answers: list[Answer] = field(default_factory=list)
+    root_passwords: list[str] = field(default_factory=list)
+    # Called with each answer, on the simulator's thread.
+    listeners: list[Callable[[Answer], None]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def observe(self, obs: ObservedResponse) -> None:
+        answer = Answer(obs.method, obs.route, obs.path, obs.status)
+        with self._lock:
+            self.answers.append(answer)
+            if obs.path.endswith("/actions/enable_rescue") and obs.status < 300:
+                password = json.loads(obs.body).get("root_password")
+                if password:
+                    self.root_passwords.append(password)
+            listeners = list(self.listeners)
+        for listener in listeners:
+            listener(answer)
+
+    def mark(self) -> int:
+        with self._lock:
+            return len(self.answers)
+
+    def since(self, mark: int) -> list[Answer]:
+        with self._lock:
+            return self.answers[mark:]
+
+
+class SimThread:
+    """A Simulator on its own event loop thread."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.api = ApiLog()
+        self.sim = Simulator(state_dir=state_dir, ssh_port=free_port(), response_observer=self.api.observe)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="simulator", daemon=True)
+
+    def run(self, coro: Any, timeout: float = 120) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self) -> None:
+        self._thread.start()
+        self.run(self.sim.start())
+
+    def stop(self) -> None:
+        try:
+            self.run(self.sim.stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
+
+    @property
+    def endpoint(self) -> str:
+        return self.sim.endpoint
+
+    @property
+    def token(self) -> str:
+        return self.sim.token
+
+    @property
+    def ssh_port(self) -> int:
+        return self.sim.ssh_port
+
+    def provider_config(self) -> dict[str, str]:
+        return {"hcloud:token": self.token, "hcloud:endpoint": self.endpoint, "nix-dabei:sshPort": str(self.ssh_port)}
+
+    # -- the control API (`/_sim/...`) -------------------------------------------------------------------
+
+    def control(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(
+            self.sim.control_url + path,
+            data=data,
+            method=method,
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read() or b"null")
+
+    def server(self, server_id: int | str) -> dict[str, Any]:
+        return self.control("GET", f"/servers/{int(server_id)}")["server"]
+
+    def set_api_faults(self, faults: dict[str, Any]) -> None:
+        self.control("PUT", "/faults", faults)
+
+    def set_ssh_faults(self, server_id: int | str, faults: dict[str, Any]) -> None:
+        self.control("PUT", f"/servers/{int(server_id)}/faults", faults)
+
+    def ratelimit(self) -> dict[str, Any]:
+        return self.control("GET", "/ratelimit")["ratelimit"]
+
+    def boot_log(self, server_id: int | str) -> str:
+        path = Path(self.server(server_id)["state_dir"]) / "log" / "boot.log"
+        return path.read_text() if path.exists() else ""
+
+
+def make_image_flake(directory: Path) -> Path:
+    """A copy of the fixture image flake whose ZFS partition starts with PAYLOAD_BYTES of deterministic,
+    incompressible bytes (the fixture's own payload compresses to almost nothing)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "payload.bin").write_bytes(random.Random(6).randbytes(PAYLOAD_BYTES))
+    flake = (FIXTURE_FLAKE / "flake.nix").read_text()
+    flake = flake.replace("args = [ ./build.sh ];", "args = [ ./build.sh ];\n        payloadFile = ./payload.bin;")
+    assert "payloadFile" in flake, "the fixture flake changed: adapt make_image_flake"
+    (directory / "flake.nix").write_text(flake)
+    (directory / "flake.lock").write_text((FIXTURE_FLAKE / "flake.lock").read_text())
+    build = (FIXTURE_FLAKE / "build.sh").read_text()
+    build += 'dd if="$payloadFile" of="$img" bs=512 seek="$(start 4)" conv=notrunc status=none\n'
+    (directory / "build.sh").write_text(build)
+    return directory
+
+
+def fleet_args(
+    prefix: str,
+    count: int = 1,
+    *,
+    image_flake: Path = FIXTURE_FLAKE,
+    flake: str = "github:example/infra",
+    deadlines: Deadlines | None = None,
+    ssh_port: int,
+) -> FleetArgs:
+    return FleetArgs(
+        hosts=[
+            HostArgs(name=f"{prefix}-{i}", server_type="cx22", location=("fsn1", "nbg1", "hel1")[i % 3], flake=flake)
+            for i in range(1, count + 1)
+        ],
+        image=ImageArgs(flake=f"path:{image_flake}", attr=fixture_image_attr(), nix_args=OFFLINE_NIX_ARGS),
+        deadlines=deadlines or Deadlines(rescue=120, install=180, firstboot=120),
+        ssh_port=ssh_port,
+    )
+
+
+class KillSwitch:
+    """Kills the provider server (SIGKILL, as a crash would) at the first output line that matches
+    `pattern`, or when `fire()` is called. Stands in for the server's echo stream to see its output."""
+
+    def __init__(self, pattern: str | None = None) -> None:
+        self.pattern = re.compile(pattern) if pattern else None
+        self.server: ProviderServer | None = None
+        self.fired = threading.Event()
+        self._buffer = ""
+        self._lock = threading.Lock()
+
+    def fire(self) -> None:
+        with self._lock:
+            if self.fired.is_set() or self.server is None:
+                return
+            self.fired.set()
+            self.server.kill()
+
+    def write(self, text: str) -> int:
+        self._buffer += text
+        if self.pattern is not None and self.pattern.search(self._buffer):
+            self.fire()
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+class Stack:
+    """One stack: its recorded state survives provider servers; `up` runs the real program."""
+
+    def __init__(self, sim: SimThread, work: Path, cache: Path, name: str) -> None:
+        self.sim = sim
+        self.work = work
+        self.cache = cache
+        self.name = name
+        self.state: dict[str, Recorded] = {}
+        self.operations: dict[str, str] = {}
+        self.logs: list[Path] = []
+        self.runs = 0
+
+    def provider(self, switch: KillSwitch | None = None) -> ProviderServer:
+        self.runs += 1
+        log = self.work / f"provider-{self.runs}.log"
+        self.logs.append(log)
+        server = ProviderServer(
+            project="nix-dabei",
+            log_path=log,
+            env={"XDG_CACHE_HOME": str(self.cache)},
+            echo=cast("IO[str] | None", switch),  # it only needs write() and flush()
+        )
+        if switch is not None:
+            switch.server = server
+        server.configure(self.sim.provider_config())
+        return server
+
+    def engine(self, server: ProviderServer) -> LocalEngine:
+        client = Client(token=self.sim.token, api_endpoint=self.sim.endpoint, poll_interval=0.2)
+        return LocalEngine(server=server, hcloud=client, state=self.state)
+
+    def up(
+        self, args: FleetArgs, *, kill: KillSwitch | None = None, before: Callable[[LocalEngine], None] | None = None
+    ) -> dict[str, Any]:
+        """Run `up` with a new provider server (which `kill` may kill on the way)."""
+        server = self.provider(kill)
+        try:
+            engine = self.engine(server)
+            if before is not None:
+                before(engine)
+            try:
+                return engine.up(lambda: {k: v for k, v in declare(args, name=self.name).items() if k != "fleet"})
+            finally:
+                self.operations = dict(engine.operations)
+                if kill is not None:
+                    assert kill.fired.is_set(), "the kill switch never fired"
+        finally:
+            server.close()
+
+    def outputs(self, step: str) -> dict[str, Any]:
+        return self.state[f"{DYNAMIC}::{self.name}-{step}"].outputs
+
+    def hosts(self, step: str) -> dict[str, Any]:
+        return self.outputs(step)["hosts"]
+
+    def log_text(self, run: int = -1) -> str:
+        return self.logs[run].read_text()
+
+    def all_logs(self) -> str:
+        return "".join(log.read_text() for log in self.logs)
+
+
+def when_created(engine: LocalEngine, kind: str, fn: Callable[[str, dict[str, Any]], None]) -> None:
+    """Call `fn(id, outputs)` right after the engine created or updated a resource of `kind`: `server`
+    (an hcloud server) or a step name (`rescue`, `install`, ...), before anything that depends on it runs."""
+    if kind == "server":
+        original_server = engine._server
+
+        def server(key: str, inputs: dict[str, Any]) -> Any:
+            id_, outs = original_server(key, inputs)
+            fn(id_, outs)
+            return id_, outs
+
+        engine._server = server  # type: ignore[method-assign]
+        return
+    original_dynamic = engine._dynamic
+
+    def dynamic(key: str, inputs: dict[str, Any]) -> Any:
+        id_, outs = original_dynamic(key, inputs)
+        if key.endswith(f"-{kind}"):
+            fn(id_, outs)
+        return id_, outs
+
+    engine._dynamic = dynamic  # type: ignore[method-assign]
+
+
+def disk_untouched(sim: SimThread, server_id: int | str) -> bool:
+    """Nothing was ever written to the server's disk (its sparse file has no data blocks)."""
+    return Path(sim.server(server_id)["machine"]["disk_path"]).stat().st_blocks == 0
