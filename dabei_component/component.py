@@ -115,6 +115,10 @@ def _with_results(
     )
 
 
+def _pick(mapping: pulumi.Output[dict[str, str]], key: str) -> pulumi.Output[str]:
+    return mapping.apply(lambda m: m[key])
+
+
 def _is_public_key(key: str) -> bool:
     return " " in key.strip()
 
@@ -134,7 +138,7 @@ class Host(pulumi.ComponentResource):
         args: HostArgs,
         *,
         placeholder_image: str,
-        authorized_key_names: list[str],
+        authorized_key_names: list[pulumi.Input[str]],
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
         super().__init__("nix-dabei:index:Host", name, None, opts)
@@ -208,7 +212,8 @@ class Fleet(pulumi.ComponentResource):
         user_keys: dict[str, hcloud.SshKey] = {}
         self.hosts = {}
         for host in args.hosts:
-            key_names = []
+            # The deploy key too: a server created without keys gets a root password by e-mail.
+            key_names: list[pulumi.Input[str]] = [self.deploy_key.name]
             for key in host.ssh_keys:
                 if _is_public_key(key):
                     if key not in user_keys:
@@ -239,7 +244,7 @@ class Fleet(pulumi.ComponentResource):
                     "hostname": h.name,
                     "server_type": h.server_type,
                     "location": h.location,
-                    "host_public_key": self.keys.host_public_keys.apply(lambda k, n=h.name: k[n]),
+                    "host_public_key": _pick(self.keys.host_public_keys, h.name),
                     "authorized_keys": authorized[h.name],
                 }
                 for h in args.hosts
@@ -283,7 +288,7 @@ class Fleet(pulumi.ComponentResource):
         for h in args.hosts:
             self.hosts[h.name].finish(
                 self.first_boot,
-                self.keys.host_public_keys.apply(lambda k, n=h.name: k[n]),
+                _pick(self.keys.host_public_keys, h.name),
                 self.keys.deploy_private_key,
                 args.ssh_port,
             )

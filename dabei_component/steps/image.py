@@ -126,6 +126,10 @@ class ImageProvider(ResourceProvider):
 
 
 class Image(pulumi.dynamic.Resource):
+    flake: pulumi.Output[str]
+    attr: pulumi.Output[str]
+    nix_args: pulumi.Output[list[str]]
+    cache_dir: pulumi.Output[str]
     out_path: pulumi.Output[str]
     raw_size: pulumi.Output[int]
     compressed_path: pulumi.Output[str]
