@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -284,13 +284,15 @@ def summarize(
         "provider_peak_rss_mb": {str(s): round(max(r.provider_peak_rss_mb for r in results[s]), 1) for s in sizes},
         "compressions_per_run": {str(s): sorted({r.compressions for r in results[s]}) for s in sizes},
         "hosts_written_per_run": {str(s): sorted({r.hosts_written for r in results[s]}) for s in sizes},
-        "runs_detail": {str(s): [asdict(r) for r in results[s]] for s in sizes},
     }
     for s in sizes:
         if s != 1:
             summary[f"ratio_{s}_vs_1"] = round(up[s] / up[1], 3)
     if largest > 1:
         summary["cpu_seconds_per_added_server"] = round((cpu[largest] - cpu[1]) / (largest - 1), 3)
+        for part in ("provider", "simulator"):
+            added = summary["median_cpu_seconds"][str(largest)][part] - summary["median_cpu_seconds"]["1"][part]
+            summary[f"{part}_cpu_seconds_per_added_server"] = round(added / (largest - 1), 3)
     return summary
 
 

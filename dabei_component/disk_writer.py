@@ -35,9 +35,9 @@ from dabei_component.ssh import CommandError, SshError, run
 
 # Reads of the compressed file, handed to asyncssh as they are (it keeps a reference until sent, so a
 # reused buffer would be overwritten under it).
-CHUNK_BYTES = 4 * 1024 * 1024
+CHUNK_BYTES = 1024 * 1024
 # asyncssh's default 64 KiB write buffer makes drain() wait after every chunk; keep several in flight.
-WRITE_BUFFER_HIGH = 16 * 1024 * 1024
+WRITE_BUFFER_HIGH = 4 * 1024 * 1024
 PROGRESS_INTERVAL_SECONDS = 1.0
 _CHECK_TIMEOUT_SECONDS = 60.0
 _ZERO_ALIGN = 4096

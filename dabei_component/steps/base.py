@@ -16,6 +16,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -311,6 +312,9 @@ class FleetStep(ResourceProvider):
                 return name, None, f"{type(exc).__name__}: {exc}"
 
         async def all_hosts() -> list[tuple[str, dict[str, Any] | None, str | None]]:
+            # Hetzner calls block a thread for a whole action wait: one thread per host (and a few for
+            # file reads), or hosts beyond asyncio's default pool size would queue in waves.
+            asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(len(todo) + 4))
             return await asyncio.gather(*(guarded(n) for n in todo))
 
         outcome = asyncio.run(all_hosts())
