@@ -8,7 +8,6 @@ separate process, as under `pulumi up`.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import re
@@ -29,6 +28,7 @@ from dabei_component.program import declare
 from dabei_component.provider_server import ProviderServer
 from dabei_component.sim import Simulator
 from dabei_component.sim.app import ObservedResponse
+from dabei_component.sim.threaded import SimulatorThread
 
 DYNAMIC = "pulumi-python:dynamic:Resource"
 # The larger test image: 64 MiB with this many incompressible bytes, so offsets in its stream matter.
@@ -80,29 +80,12 @@ class ApiLog:
             return self.answers[mark:]
 
 
-class SimThread:
-    """A Simulator on its own event loop thread."""
+class SimThread(SimulatorThread):
+    """A Simulator on its own event loop thread that counts every API answer."""
 
     def __init__(self, state_dir: Path) -> None:
         self.api = ApiLog()
-        self.sim = Simulator(state_dir=state_dir, ssh_port=free_port(), response_observer=self.api.observe)
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="simulator", daemon=True)
-
-    def run(self, coro: Any, timeout: float = 120) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def start(self) -> None:
-        self._thread.start()
-        self.run(self.sim.start())
-
-    def stop(self) -> None:
-        try:
-            self.run(self.sim.stop())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
-            self.loop.close()
+        super().__init__(Simulator(state_dir=state_dir, ssh_port=free_port(), response_observer=self.api.observe))
 
     @property
     def endpoint(self) -> str:

@@ -6,7 +6,6 @@ against the response schema of its operation in `../shared/hcloud-openapi/hcloud
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import socket
@@ -20,6 +19,7 @@ import jsonschema
 
 from dabei_component.sim import Durations, Simulator
 from dabei_component.sim.app import ObservedResponse
+from dabei_component.sim.threaded import SimulatorThread as SimThread
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SHARED = PROJECT_ROOT / ".." / "shared"
@@ -92,30 +92,6 @@ def free_port(host: str) -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
-
-
-class SimThread:
-    """A Simulator on its own event loop thread, so that synchronous clients (hcloud) can call it."""
-
-    def __init__(self, sim: Simulator) -> None:
-        self.sim = sim
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="simulator", daemon=True)
-
-    def run(self, coro: Any, timeout: float = 120) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def start(self) -> None:
-        self._thread.start()
-        self.run(self.sim.start())
-
-    def stop(self) -> None:
-        try:
-            self.run(self.sim.stop())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
-            self.loop.close()
 
 
 def make_sim(state_dir: Path | None, **kwargs: Any) -> SimThread:
