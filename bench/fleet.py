@@ -41,17 +41,12 @@ import requests
 from hcloud import Client
 
 from dabei_component.component import ImageArgs
-from dabei_component.demo import (
-    OFFLINE_NIX_ARGS,
-    demo_args,
-    fixture_image_attr,
-    free_port,
-    provider_config,
-    simulator,
-)
+from dabei_component.demo import demo_args, fixture_image_attr, provider_config, simulator
+from dabei_component.imaging import OFFLINE_NIX_ARGS
 from dabei_component.localup import LocalEngine
 from dabei_component.program import declare
 from dabei_component.provider_server import ProviderServer
+from dabei_component.sim.client import free_port
 
 MiB = 1024 * 1024
 # Rough times of a Hetzner Cloud server (cx22), in seconds: creation a few seconds, the power-on after it,
@@ -170,7 +165,7 @@ def run_fleet(
             if image is not None:
                 args.image = image
             started = time.monotonic()
-            outputs = engine.up(lambda: {k: v for k, v in declare(args).items() if k != "fleet"})
+            outputs = engine.up(lambda: declare(args))
             up_seconds = time.monotonic() - started
             rss = peak_rss_mb(server.pid)
         finally:
@@ -346,7 +341,7 @@ def generated_image(work: Path, mib: int) -> ImageArgs:
     values = {"system": system, "mib": mib, "python": sys.executable, "bench": str(Path(__file__).parent)}
     (flake / "flake.nix").write_text(IMAGE_FLAKE % values)
     (flake / "build.py").write_text(IMAGE_BUILDER % values)
-    return ImageArgs(flake=f"path:{flake}", attr=f"packages.{system}.default", nix_args=OFFLINE_NIX_ARGS)
+    return ImageArgs(flake=f"path:{flake}", attr=f"packages.{system}.default", nix_args=list(OFFLINE_NIX_ARGS))
 
 
 if __name__ == "__main__":

@@ -35,12 +35,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "component"))
 
 from dabei_firstboot.seed import encode_seed  # noqa: E402
-from sshd_fixture import LoopDevices, SshdServer, _free_port  # noqa: E402
+from sshd_fixture import LoopDevices, SshdServer  # noqa: E402
 
 from dabei_component import ssh  # noqa: E402
 from dabei_component.disk_writer import WriteProgress, write_image  # noqa: E402
 from dabei_component.imaging import PreparedImage, prepare_image  # noqa: E402
 from dabei_component.keys import generate_ssh_keypair, known_hosts_line  # noqa: E402
+from dabei_component.sim.client import free_port  # noqa: E402
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -172,7 +173,7 @@ async def bench(work: Path, size: int, runs: int, as_json: bool) -> None:
     prepare_seconds = time.monotonic() - started
 
     address = f"127.78.{random.randint(0, 255)}.{random.randint(2, 254)}"
-    server = SshdServer(work / "sshd", address, _free_port(address), generate_ssh_keypair(), generate_ssh_keypair())
+    server = SshdServer(work / "sshd", address, free_port(address), generate_ssh_keypair(), generate_ssh_keypair())
     loops = LoopDevices(work)
     server.start()
     try:

@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,14 +24,14 @@ from typing import Any
 from hcloud import Client
 
 from .component import Deadlines, FleetArgs, HostArgs, ImageArgs
+from .imaging import OFFLINE_NIX_ARGS
 from .localup import LocalEngine
 from .program import declare
 from .provider_server import ProviderServer
+from .sim.client import free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 FIXTURE_FLAKE = PROJECT_ROOT / "nix" / "fixtures" / "image"
-# Nix as it runs here: no binary cache, no sandbox, no build users (see the README).
-OFFLINE_NIX_ARGS = ["--option", "substituters", "", "--option", "sandbox", "false", "--option", "build-users-group", ""]
 DEMO_FLAKE = "github:example/infra"
 
 
@@ -40,6 +39,7 @@ DEMO_FLAKE = "github:example/infra"
 class SimHandle:
     endpoint: str
     token: str
+    control_url: str
     ssh_port: int
     process: subprocess.Popen[bytes]
 
@@ -66,7 +66,7 @@ def simulator(state_dir: Path, ssh_port: int) -> Iterator[SimHandle]:
         if not line:
             raise RuntimeError(f"the simulator exited with status {proc.wait()} before it was ready")
         info = json.loads(line)
-        yield SimHandle(info["endpoint"], info["token"], int(info.get("ssh_port", ssh_port)), proc)
+        yield SimHandle(info["endpoint"], info["token"], info["control"], int(info["ssh_port"]), proc)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -74,12 +74,6 @@ def simulator(state_dir: Path, ssh_port: int) -> Iterator[SimHandle]:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def fixture_image_attr() -> str:
@@ -99,7 +93,7 @@ def demo_args(servers: int, flake: str = DEMO_FLAKE, ssh_port: int = 22, prefix:
             )
             for i in range(1, servers + 1)
         ],
-        image=ImageArgs(flake=f"path:{FIXTURE_FLAKE}", attr=fixture_image_attr(), nix_args=OFFLINE_NIX_ARGS),
+        image=ImageArgs(flake=f"path:{FIXTURE_FLAKE}", attr=fixture_image_attr(), nix_args=list(OFFLINE_NIX_ARGS)),
         deadlines=Deadlines(rescue=300, install=600, firstboot=600),
         ssh_port=ssh_port,
     )
@@ -110,7 +104,7 @@ def provider_config(sim: SimHandle) -> dict[str, str]:
 
 
 def run_demo(servers: int, ssh_port: int, work_dir: Path, echo: bool = True) -> list[dict[str, Any]]:
-    started = time.monotonic()
+    """Install `servers` simulated servers; one record per host with its status and outputs."""
     with simulator(work_dir / "sim", ssh_port) as sim:
         server = ProviderServer(
             project="nix-dabei",
@@ -123,16 +117,13 @@ def run_demo(servers: int, ssh_port: int, work_dir: Path, echo: bool = True) -> 
             engine = LocalEngine(
                 server=server, hcloud=Client(token=sim.token, api_endpoint=sim.endpoint, poll_interval=0.2)
             )
-            outputs = engine.up(
-                lambda: {k: v for k, v in declare(demo_args(servers, ssh_port=sim.ssh_port)).items() if k != "fleet"}
-            )
+            outputs = engine.up(lambda: declare(demo_args(servers, ssh_port=sim.ssh_port)))
         finally:
             server.close()
-    hosts = []
-    for name, host in sorted(outputs["hosts"].items()):
-        hosts.append({"name": name, "status": "converged" if host.get("system") else "failed", **host})
-    hosts.append({"elapsed_seconds": round(time.monotonic() - started, 1)})
-    return hosts
+    return [
+        {"name": name, "status": "converged" if host.get("system") else "failed", **host}
+        for name, host in sorted(outputs["hosts"].items())
+    ]
 
 
 def main(argv: list[str]) -> int:
@@ -156,8 +147,9 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="nix-dabei-demo-") as tmp:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        results = run_demo(args.servers, args.ssh_port, work)
-    *hosts, timing = results
+        started = time.monotonic()
+        hosts = run_demo(args.servers, args.ssh_port, work)
+        elapsed = round(time.monotonic() - started, 1)
     for host in hosts:
         print(json.dumps(host, sort_keys=True), flush=True)
     ok = all(h["status"] == "converged" for h in hosts)
@@ -165,7 +157,7 @@ def main(argv: list[str]) -> int:
         "hosts": [{"name": h["name"], "status": h["status"]} for h in hosts],
         "converged": sum(h["status"] == "converged" for h in hosts),
         "total": len(hosts),
-        **timing,
+        "elapsed_seconds": elapsed,
     }
     print(json.dumps(summary, sort_keys=True), flush=True)
     return 0 if ok else 1

@@ -26,6 +26,9 @@ IMAGE_SUFFIXES = (".img", ".raw")
 ZSTD_LEVEL = 3
 _CHUNK = 1024 * 1024
 _META_VERSION = 1
+# Nix as it runs without network or build users (this project's CI, the demo, the tests): no binary cache,
+# no sandbox, no build-users group.
+OFFLINE_NIX_ARGS = ("--option", "substituters", "", "--option", "sandbox", "false", "--option", "build-users-group", "")
 
 
 class ImageError(Exception):

@@ -60,6 +60,9 @@ class LocalEngine(pulumi_mocks.Mocks):
     state: dict[str, Recorded] = field(default_factory=dict)
     # What happened to each resource in the last run: created, updated, same.
     operations: dict[str, str] = field(default_factory=dict)
+    # Called with (key, record, operation) after each resource is created or updated, before anything
+    # that depends on it runs: tests inject faults at exact points of the flow through these.
+    listeners: list[Callable[[str, Recorded, str], None]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     # Resource operations at once, like `pulumi up --parallel` (whose default is unbounded).
     parallel: int = 256
@@ -163,6 +166,9 @@ class LocalEngine(pulumi_mocks.Mocks):
         with self._lock:
             self.state[key] = rec
             self.operations[key] = op
+        if op != "same":
+            for listener in self.listeners:
+                listener(key, rec, op)
 
     # -- running a program -----------------------------------------------------------------------------
 

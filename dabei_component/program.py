@@ -90,18 +90,18 @@ def fleet_args_from_config(
     return FleetArgs(hosts=host_args, image=image_args, deadlines=dl, ssh_port=port or 22)
 
 
+def exports(fleet: Fleet) -> dict[str, Any]:
+    """What the stack exports: the image and, per host, its addresses, known_hosts line and system."""
+    hosts = {
+        name: {"ipv4": host.ipv4, "ipv6": host.ipv6, "known_hosts": host.known_hosts, "system": host.system}
+        for name, host in fleet.hosts.items()
+    }
+    return {"image": fleet.image.out_path, "hosts": hosts}
+
+
 def declare(args: FleetArgs, name: str = "fleet") -> dict[str, Any]:
-    """Declare the fleet; returns the per-host outputs the stack exports."""
-    fleet = Fleet(name, args)
-    hosts: dict[str, Any] = {}
-    for host_name, host in fleet.hosts.items():
-        hosts[host_name] = {
-            "ipv4": host.ipv4,
-            "ipv6": host.ipv6,
-            "known_hosts": host.known_hosts,
-            "system": host.system,
-        }
-    return {"image": fleet.image.out_path, "hosts": hosts, "fleet": fleet}
+    """Declare the fleet; returns its exports."""
+    return exports(Fleet(name, args))
 
 
 def main() -> None:
@@ -112,8 +112,7 @@ def main() -> None:
         cfg.get_object("deadlines"),
         cfg.get_int("sshPort"),
     )
-    declared = declare(args)
-    fleet: Fleet = declared.pop("fleet")
+    fleet = Fleet("fleet", args)
     for host_name, host in fleet.hosts.items():
         # After convergence, further steps run over SSH with the pinned host key (checking stays on).
         command.remote.Command(
@@ -122,5 +121,5 @@ def main() -> None:
             create="uname -a",
             opts=pulumi.ResourceOptions(parent=host, depends_on=[fleet.first_boot]),
         )
-    pulumi.export("image", declared["image"])
-    pulumi.export("hosts", declared["hosts"])
+    for key, value in exports(fleet).items():
+        pulumi.export(key, value)

@@ -24,9 +24,10 @@ from typing import Any
 import asyncssh
 from dabei_firstboot.seed import SeedError, find_seed_partition, read_seed
 
+from .client import free_port
 from .disk import Disk
 from .fake_rebuild import SIM_STATE
-from .sshd import FaultProxy, NamespacedProcess, PrivateDev, SshDaemon, SshdSettings, free_port
+from .sshd import FaultProxy, NamespacedProcess, PrivateDev, SshDaemon, SshdSettings
 from .state import Durations
 
 log = logging.getLogger(__name__)

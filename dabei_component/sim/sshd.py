@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,13 +55,6 @@ exec "$@"
 
 class ProcessError(RuntimeError):
     pass
-
-
-def free_port(host: str) -> int:
-    """A TCP port that is free on `host` right now (for sshd behind the fault proxy)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

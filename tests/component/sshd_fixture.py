@@ -17,14 +17,9 @@ from pathlib import Path
 import pytest
 
 from dabei_component.keys import SshKeyPair, generate_ssh_keypair
+from dabei_component.sim.client import free_port
 
 SSHD = "/usr/sbin/sshd"
-
-
-def _free_port(address: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((address, 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -113,7 +108,7 @@ def sshd(tmp_path: Path) -> Iterator[SshdServer]:
     server = SshdServer(
         state_dir=tmp_path / "sshd",
         address=address,
-        port=_free_port(address),
+        port=free_port(address),
         client=generate_ssh_keypair(),
         host=generate_ssh_keypair(),
     )

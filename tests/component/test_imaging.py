@@ -13,9 +13,14 @@ import pytest
 from sshd_fixture import make_gpt_image
 
 from dabei_component import imaging
-from dabei_component.imaging import ImageError, PreparedImage, build_image, find_image_file, prepare_image
-
-NIX_ARGS = ("--option", "substituters", "", "--option", "sandbox", "false", "--option", "build-users-group", "")
+from dabei_component.imaging import (
+    OFFLINE_NIX_ARGS,
+    ImageError,
+    PreparedImage,
+    build_image,
+    find_image_file,
+    prepare_image,
+)
 
 FLAKE = """
 {
@@ -52,7 +57,7 @@ def flake(tmp_path: Path) -> str:
 
 
 def test_build_image_runs_nix_build_and_prepare_compresses_once(flake: str, tmp_path: Path) -> None:
-    store_path = build_image(flake, "image", nix_args=NIX_ARGS)
+    store_path = build_image(flake, "image", nix_args=OFFLINE_NIX_ARGS)
     assert store_path.startswith("/nix/store/") and store_path.endswith("-dabei-test-image")
     image_file = find_image_file(store_path)
     assert image_file == f"{store_path}/disk.img"
@@ -76,7 +81,7 @@ def test_build_image_runs_nix_build_and_prepare_compresses_once(flake: str, tmp_
 
 def test_a_failing_build_names_the_installable_and_its_error(flake: str) -> None:
     with pytest.raises(ImageError, match=r"(?s)#broken failed .*the image recipe failed"):
-        build_image(flake, "broken", nix_args=NIX_ARGS)
+        build_image(flake, "broken", nix_args=OFFLINE_NIX_ARGS)
 
 
 def test_bad_flake_references_are_refused_before_running_nix() -> None:

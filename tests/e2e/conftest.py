@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import socket
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hcloud import Client
@@ -15,34 +11,7 @@ from hcloud import Client
 from dabei_component.demo import SimHandle, provider_config, simulator
 from dabei_component.localup import LocalEngine
 from dabei_component.provider_server import ProviderServer
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class SimControl:
-    """The simulator's control API (`/_sim/...`)."""
-
-    def __init__(self, sim: SimHandle) -> None:
-        self.sim = sim
-        self.base = sim.endpoint.rsplit("/v1", 1)[0] + "/_sim"
-
-    def request(self, method: str, path: str, body: Any = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(
-            self.base + path,
-            data=data,
-            method=method,
-            headers={"Authorization": f"Bearer {self.sim.token}", "Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return json.loads(resp.read() or b"null")
-
-    def server(self, server_id: int | str) -> dict[str, Any]:
-        return self.request("GET", f"/servers/{int(server_id)}")["server"]
+from dabei_component.sim.client import ControlClient, free_port
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +21,8 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimHandle]:
 
 
 @pytest.fixture(scope="module")
-def control(sim: SimHandle) -> SimControl:
-    return SimControl(sim)
+def control(sim: SimHandle) -> ControlClient:
+    return ControlClient(sim.control_url, sim.token)
 
 
 @pytest.fixture

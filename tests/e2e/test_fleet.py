@@ -15,16 +15,17 @@ import pytest
 
 from dabei_component.demo import SimHandle, demo_args
 from dabei_component.keys import public_key_of
-from dabei_component.localup import LocalEngine, UpFailed
+from dabei_component.localup import HCLOUD_SERVER, LocalEngine, Recorded, UpFailed
 from dabei_component.program import declare
 from dabei_component.provider_server import ProviderServer
+from dabei_component.sim.client import ControlClient
 from dabei_component.ssh import connect, run
 
 pytestmark = pytest.mark.timeout(900)
 
 
 def up(engine: LocalEngine, args: Any, fleet: str) -> dict[str, Any]:
-    return engine.up(lambda: {k: v for k, v in declare(args, name=fleet).items() if k != "fleet"})
+    return engine.up(lambda: declare(args, name=fleet))
 
 
 def dynamic_state(engine: LocalEngine, name: str) -> Any:
@@ -48,7 +49,7 @@ def secrets_of(engine: LocalEngine, sim: SimHandle, fleet: str) -> list[str]:
 
 
 def test_three_servers_install_and_converge(
-    engine: LocalEngine, sim: SimHandle, control: Any, provider: ProviderServer
+    engine: LocalEngine, sim: SimHandle, control: ControlClient, provider: ProviderServer
 ) -> None:
     args = demo_args(3, flake="github:example/infra?rev=1", ssh_port=sim.ssh_port, prefix="three")
     outputs = up(engine, args, "f3")
@@ -90,7 +91,7 @@ def test_three_servers_install_and_converge(
         assert secret not in plain_state
 
 
-def test_flake_revision_applies_in_place(engine: LocalEngine, sim: SimHandle, control: Any) -> None:
+def test_flake_revision_applies_in_place(engine: LocalEngine, sim: SimHandle, control: ControlClient) -> None:
     def args(rev: int) -> Any:
         return demo_args(1, flake=f"github:example/infra?rev={rev}", ssh_port=sim.ssh_port, prefix="upd")
 
@@ -120,21 +121,20 @@ def test_flake_revision_applies_in_place(engine: LocalEngine, sim: SimHandle, co
     assert set(engine.operations.values()) == {"same"}
 
 
-def test_failing_first_boot_is_reported_with_journal(engine: LocalEngine, sim: SimHandle, control: Any) -> None:
+def test_failing_first_boot_is_reported_with_journal(
+    engine: LocalEngine, sim: SimHandle, control: ControlClient
+) -> None:
     args = demo_args(1, ssh_port=sim.ssh_port, prefix="broken")
     args.deadlines.firstboot = 120
 
     # Make every rebuild on that host fail, before it ever boots from disk.
-    original_server = engine._server
+    def break_rebuilds(key: str, rec: Recorded, _op: str) -> None:
+        if key.startswith(HCLOUD_SERVER):
+            rootfs = Path(control.server(rec.id)["machine"]["rootfs"])
+            (rootfs / "var/lib/nix-dabei-sim").mkdir(parents=True, exist_ok=True)
+            (rootfs / "var/lib/nix-dabei-sim/fail-rebuilds").write_text("always\n")
 
-    def server_then_break(key: str, inputs: dict[str, Any]) -> Any:
-        id_, outs = original_server(key, inputs)
-        rootfs = Path(control.server(id_)["machine"]["rootfs"])
-        (rootfs / "var/lib/nix-dabei-sim").mkdir(parents=True, exist_ok=True)
-        (rootfs / "var/lib/nix-dabei-sim/fail-rebuilds").write_text("1000\n")
-        return id_, outs
-
-    engine._server = server_then_break  # type: ignore[method-assign]
+    engine.listeners.append(break_rebuilds)
     with pytest.raises(UpFailed) as failed:
         up(engine, args, "fb")
     text = str(failed.value)

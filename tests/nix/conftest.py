@@ -18,15 +18,12 @@ from typing import Any
 import pytest
 import yaml
 
+from dabei_component.imaging import NIX_FEATURES, OFFLINE_NIX_ARGS
+
 PROJECT = Path(__file__).resolve().parents[2]
 SHARED = PROJECT / ".." / "shared"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-NIX_OPTIONS = [
-    "--option", "substituters", "",
-    "--option", "sandbox", "false",
-    "--option", "build-users-group", "",
-    "--extra-experimental-features", "nix-command flakes",
-]  # fmt: skip
+NIX_OPTIONS = [*OFFLINE_NIX_ARGS, *NIX_FEATURES]
 
 
 def current_layout() -> dict[str, Any]:

@@ -8,12 +8,11 @@ separate process, as under `pulumi up`.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
-import socket
 import threading
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,23 +21,18 @@ from typing import IO, Any, cast
 from hcloud import Client
 
 from dabei_component.component import Deadlines, FleetArgs, HostArgs, ImageArgs
-from dabei_component.demo import FIXTURE_FLAKE, OFFLINE_NIX_ARGS, fixture_image_attr
-from dabei_component.localup import LocalEngine, Recorded
+from dabei_component.demo import FIXTURE_FLAKE, fixture_image_attr
+from dabei_component.imaging import OFFLINE_NIX_ARGS
+from dabei_component.localup import DYNAMIC, HCLOUD_SERVER, LocalEngine, Recorded
 from dabei_component.program import declare
 from dabei_component.provider_server import ProviderServer
 from dabei_component.sim import Simulator
 from dabei_component.sim.app import ObservedResponse
+from dabei_component.sim.client import ControlClient, free_port
 from dabei_component.sim.threaded import SimulatorThread
 
-DYNAMIC = "pulumi-python:dynamic:Resource"
 # The larger test image: 64 MiB with this many incompressible bytes, so offsets in its stream matter.
 PAYLOAD_BYTES = 24 * 1024 * 1024
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -104,25 +98,21 @@ class SimThread(SimulatorThread):
 
     # -- the control API (`/_sim/...`) -------------------------------------------------------------------
 
+    @functools.cached_property
+    def _control(self) -> ControlClient:
+        return ControlClient(self.sim.control_url, self.token)
+
     def control(self, method: str, path: str, body: Any = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(
-            self.sim.control_url + path,
-            data=data,
-            method=method,
-            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return json.loads(resp.read() or b"null")
+        return self._control.request(method, path, body)
 
     def server(self, server_id: int | str) -> dict[str, Any]:
-        return self.control("GET", f"/servers/{int(server_id)}")["server"]
+        return self._control.server(server_id)
 
     def set_api_faults(self, faults: dict[str, Any]) -> None:
-        self.control("PUT", "/faults", faults)
+        self._control.set_api_faults(faults)
 
     def set_ssh_faults(self, server_id: int | str, faults: dict[str, Any]) -> None:
-        self.control("PUT", f"/servers/{int(server_id)}/faults", faults)
+        self._control.set_ssh_faults(server_id, faults)
 
     def ratelimit(self) -> dict[str, Any]:
         return self.control("GET", "/ratelimit")["ratelimit"]
@@ -162,7 +152,7 @@ def fleet_args(
             HostArgs(name=f"{prefix}-{i}", server_type="cx22", location=("fsn1", "nbg1", "hel1")[i % 3], flake=flake)
             for i in range(1, count + 1)
         ],
-        image=ImageArgs(flake=f"path:{image_flake}", attr=fixture_image_attr(), nix_args=OFFLINE_NIX_ARGS),
+        image=ImageArgs(flake=f"path:{image_flake}", attr=fixture_image_attr(), nix_args=list(OFFLINE_NIX_ARGS)),
         deadlines=deadlines or Deadlines(rescue=120, install=180, firstboot=120),
         ssh_port=ssh_port,
     )
@@ -238,7 +228,7 @@ class Stack:
             if before is not None:
                 before(engine)
             try:
-                return engine.up(lambda: {k: v for k, v in declare(args, name=self.name).items() if k != "fleet"})
+                return engine.up(lambda: declare(args, name=self.name))
             finally:
                 self.operations = dict(engine.operations)
                 if kill is not None:
@@ -262,25 +252,13 @@ class Stack:
 def when_created(engine: LocalEngine, kind: str, fn: Callable[[str, dict[str, Any]], None]) -> None:
     """Call `fn(id, outputs)` right after the engine created or updated a resource of `kind`: `server`
     (an hcloud server) or a step name (`rescue`, `install`, ...), before anything that depends on it runs."""
-    if kind == "server":
-        original_server = engine._server
 
-        def server(key: str, inputs: dict[str, Any]) -> Any:
-            id_, outs = original_server(key, inputs)
-            fn(id_, outs)
-            return id_, outs
+    def listener(key: str, rec: Recorded, _op: str) -> None:
+        typ, name = key.split("::", 1)
+        if (kind == "server" and typ == HCLOUD_SERVER) or (typ == DYNAMIC and name.endswith(f"-{kind}")):
+            fn(rec.id, rec.outputs)
 
-        engine._server = server  # type: ignore[method-assign]
-        return
-    original_dynamic = engine._dynamic
-
-    def dynamic(key: str, inputs: dict[str, Any]) -> Any:
-        id_, outs = original_dynamic(key, inputs)
-        if key.endswith(f"-{kind}"):
-            fn(id_, outs)
-        return id_, outs
-
-    engine._dynamic = dynamic  # type: ignore[method-assign]
+    engine.listeners.append(listener)
 
 
 def disk_untouched(sim: SimThread, server_id: int | str) -> bool:

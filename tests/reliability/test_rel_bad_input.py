@@ -21,7 +21,8 @@ import pytest
 from relhelpers import SimThread
 
 from dabei_component.component import InvalidArgs
-from dabei_component.demo import FIXTURE_FLAKE, OFFLINE_NIX_ARGS, fixture_image_attr
+from dabei_component.demo import FIXTURE_FLAKE, fixture_image_attr
+from dabei_component.imaging import OFFLINE_NIX_ARGS
 from dabei_component.keys import generate_ssh_keypair
 from dabei_component.program import fleet_args_from_config
 from dabei_component.provider_server import ProviderServer
@@ -282,7 +283,7 @@ BAD_OTHER_INPUTS: dict[str, tuple[Callable[[], Any], dict[str, Any], str, str]] 
     ),
     "image-output-missing": (
         ImageProvider,
-        {"flake": f"path:{FIXTURE_FLAKE}", "attr": "packages.x86_64-linux.nope", "nix_args": OFFLINE_NIX_ARGS},
+        {"flake": f"path:{FIXTURE_FLAKE}", "attr": "packages.x86_64-linux.nope", "nix_args": list(OFFLINE_NIX_ARGS)},
         "attr",
         "cannot evaluate",
     ),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import threading
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import jsonschema
 
 from dabei_component.sim import Durations, Simulator
 from dabei_component.sim.app import ObservedResponse
+from dabei_component.sim.client import free_port
 from dabei_component.sim.threaded import SimulatorThread as SimThread
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -86,12 +86,6 @@ class OpenApiRecorder:
 
 
 RECORDER = OpenApiRecorder.load()
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def make_sim(state_dir: Path | None, **kwargs: Any) -> SimThread:

@@ -18,9 +18,9 @@ import yaml
 from aiohttp import web
 from dabei_firstboot.seed import PARTITION_NAME, SeedEmpty, read_seed, write_seed
 
+from dabei_component.sim.client import free_port
 from dabei_component.sim.fake_rebuild import system_path
 from dabei_component.sim.machine import Machine, MachineSpec, SshFaults
-from dabei_component.sim.sshd import free_port
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
 DISK_BYTES = 64 * 1024 * 1024
