@@ -3,10 +3,11 @@
 Resource graph of a fleet:
 
     Fleet
-    |- SshKeys            deploy key + one generated host key per host (secret outputs)
+    |- SshKeys            the deploy key (secret output)
     |- hcloud.SshKey      the deploy key, so rescue accepts it
     |- Image              nix build, compressed and hashed once
     |- Host (per server)
+    |  |- HostKey         the host's generated SSH host key (secret output)
     |  `- hcloud.Server   placeholder OS; image, keys and user data ignored after creation
     |- Rescue             all hosts at once: rescue + reset, rescue host key pinned
     |- Install            all hosts at once: stream image, verify, write seed, boot from disk
@@ -17,7 +18,9 @@ The three host steps take the whole fleet in one call each (see `steps/base.py` 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import pulumi
@@ -29,7 +32,7 @@ from .keys import known_hosts_line
 from .steps.firstboot import FirstBoot
 from .steps.image import Image
 from .steps.install import Install
-from .steps.keys import SshKeys
+from .steps.keys import HostKey, SshKeys
 from .steps.rescue import Rescue
 
 DEFAULT_PLACEHOLDER_IMAGE = "debian-12"
@@ -63,7 +66,9 @@ class HostArgs:
     labels: dict[str, str] = field(default_factory=dict)
     firewall_ids: list[int] = field(default_factory=list)
     disk: str = "/dev/sda"
-    reinstall: str = "on-image-change"  # or "never": a new image then only shows in the preview
+    # A new ID wipes the disk and reinstalls the host from the current image; None: never reinstall. A new
+    # image alone applies only to hosts installed from then on.
+    reinstall: str | None = None
 
 
 @dataclass
@@ -106,17 +111,27 @@ def validate(args: FleetArgs) -> list[validation.Problem]:
     return problems
 
 
+def _get(mapping: Mapping[str, Any] | None, key: str) -> Any:
+    return (mapping or {}).get(key)
+
+
 def _with_results(
     hosts: pulumi.Output[dict[str, dict[str, Any]]], results: pulumi.Output[dict[str, Any]], fields: tuple[str, ...]
 ) -> pulumi.Output[dict[str, dict[str, Any]]]:
-    """Each host's program inputs plus the named results of the step before."""
+    """Each host's program inputs plus the named results of the step before.
+
+    A preview of a step being updated hands back its inputs as its outputs (the engine's rule for providers
+    that do not preview), so a result it has not produced yet is absent: it is marked not known yet, as
+    it is, rather than passed on as None."""
+
+    def result(host: Mapping[str, Any] | None, field: str) -> Any:
+        if host is not None and field in host:
+            return host[field]
+        return pulumi.output.UNKNOWN if pulumi.runtime.is_dry_run() else None
+
     return pulumi.Output.all(hosts, results).apply(
-        lambda a: {n: {**h, **{f: (a[1].get(n) or {}).get(f) for f in fields}} for n, h in a[0].items()}
+        lambda a: {n: {**h, **{f: result(a[1].get(n), f) for f in fields}} for n, h in a[0].items()}
     )
-
-
-def _pick(mapping: pulumi.Output[dict[str, str]], key: str) -> pulumi.Output[str]:
-    return mapping.apply(lambda m: m[key])
 
 
 def _is_public_key(key: str) -> bool:
@@ -139,10 +154,13 @@ class Host(pulumi.ComponentResource):
         *,
         placeholder_image: str,
         authorized_key_names: list[pulumi.Input[str]],
+        adopt_host_key: pulumi.Input[str | None] | None = None,
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
         super().__init__("nix-dabei:index:Host", name, None, opts)
         self.args = args
+        child = pulumi.ResourceOptions(parent=self)
+        self.host_key = HostKey(f"{name}-hostkey", host=args.name, adopt_private_key=adopt_host_key, opts=child)
         self.server = hcloud.Server(
             f"{name}-server",
             name=args.name,
@@ -162,17 +180,18 @@ class Host(pulumi.ComponentResource):
         self.ipv4 = self.server.ipv4_address
         self.ipv6 = self.server.ipv6_address
 
-    def finish(
-        self, first_boot: FirstBoot, host_public_key: pulumi.Output[str], deploy_key: pulumi.Output[str], ssh_port: int
-    ) -> None:
+    def finish(self, first_boot: FirstBoot, deploy_key: pulumi.Output[str], ssh_port: int) -> None:
         name = self.args.name
         self.system = first_boot.hosts.apply(lambda hosts: hosts[name].get("system"))
+        host_public_key = self.host_key.public_key
         self.known_hosts = pulumi.Output.all(self.ipv4, host_public_key).apply(
             lambda a: known_hosts_line(a[0], a[1], port=ssh_port)
         )
-        # Chain `command.remote.Command` steps on this: host-key checking stays on.
+        # Chain `command.remote.Command` steps on this (with `depends_on` the fleet's first boot): host-key
+        # checking stays on. Only what identifies the host goes in, so a preview that updates a step does
+        # not show every command's connection as changing.
         self.connection = pulumi.Output.secret(
-            pulumi.Output.all(self.ipv4, host_public_key, deploy_key, self.system).apply(
+            pulumi.Output.all(self.ipv4, host_public_key, deploy_key).apply(
                 lambda a: {"host": a[0], "port": ssh_port, "user": "root", "host_key": a[1], "private_key": a[2]}
             )
         )
@@ -201,9 +220,8 @@ class Fleet(pulumi.ComponentResource):
             raise InvalidArgs(problems)
         super().__init__("nix-dabei:index:Fleet", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
-        names = [h.name for h in args.hosts]
 
-        self.keys = SshKeys(f"{name}-keys", host_names=names, opts=child)
+        self.keys = SshKeys(f"{name}-keys", opts=child)
         self.deploy_key = hcloud.SshKey(f"{name}-deploy", public_key=self.keys.deploy_public_key, opts=child)
         self.image = Image(
             f"{name}-image", flake=args.image.flake, attr=args.image.attr, nix_args=args.image.nix_args, opts=child
@@ -226,8 +244,10 @@ class Fleet(pulumi.ComponentResource):
                 host,
                 placeholder_image=args.placeholder_image,
                 authorized_key_names=key_names,
+                adopt_host_key=self.keys.host_private_keys.apply(partial(_get, key=host.name)),
                 opts=child,
             )
+        host_private_keys = pulumi.Output.all(**{n: h.host_key.private_key for n, h in self.hosts.items()})
 
         authorized = self._authorized_keys(args, user_keys)
         # What the program says about each host. Every step gets these directly (not through the step
@@ -244,7 +264,7 @@ class Fleet(pulumi.ComponentResource):
                     "hostname": h.name,
                     "server_type": h.server_type,
                     "location": h.location,
-                    "host_public_key": _pick(self.keys.host_public_keys, h.name),
+                    "host_public_key": self.hosts[h.name].host_key.public_key,
                     "authorized_keys": authorized[h.name],
                 }
                 for h in args.hosts
@@ -274,7 +294,7 @@ class Fleet(pulumi.ComponentResource):
             image=image_outputs,
             rescue_ssh_key_ids=rescue_keys,
             deploy_private_key=self.keys.deploy_private_key,
-            host_private_keys=self.keys.host_private_keys,
+            host_private_keys=host_private_keys,
             deadline_seconds=args.deadlines.install,
             opts=child,
         )
@@ -286,12 +306,7 @@ class Fleet(pulumi.ComponentResource):
             opts=child,
         )
         for h in args.hosts:
-            self.hosts[h.name].finish(
-                self.first_boot,
-                _pick(self.keys.host_public_keys, h.name),
-                self.keys.deploy_private_key,
-                args.ssh_port,
-            )
+            self.hosts[h.name].finish(self.first_boot, self.keys.deploy_private_key, args.ssh_port)
         self.register_outputs(
             {
                 "image": self.image.out_path,

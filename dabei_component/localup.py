@@ -1,36 +1,65 @@
-"""`pulumi up` without the Pulumi CLI: a minimal engine for the demo and the end-to-end tests.
+"""`pulumi preview`, `up`, `refresh` and `destroy` without the Pulumi CLI: a small engine for the demo and tests.
 
-The Pulumi program (the real components) runs under Pulumi's mock monitor. Each resource registration
-is carried out for real: dynamic resources go through the real provider server over gRPC (Check, then
-Create, or Diff and Update against the recorded state), hcloud resources go to a Hetzner Cloud API through
-the official `hcloud` library, standing in for pulumi-hcloud. The state is kept between runs, so a second
-`up` with changed inputs exercises the update paths exactly as the engine would.
+The Pulumi program (the real components) runs under Pulumi's mock monitor. Each resource registration is
+carried out the way the engine carries it out:
+
+- dynamic resources go to the real provider server over gRPC: Check (olds are the recorded inputs), then
+  Create, or Diff (olds are the recorded outputs) and Update; values not known yet travel as the engine
+  sends them (`rpc.UNKNOWN`, deserialized by the provider server as `pulumi.output.Unknown`);
+- pulumi-hcloud and pulumi-command resources have small stand-ins: hcloud servers and SSH keys through the
+  official `hcloud` library, remote commands over asyncssh with the given host key pinned.
+
+The modes follow the engine (`pkg/resource/deploy`, `sdk/go/common/resource/plugin/provider_plugin.go`):
+
+- preview: the program runs with `preview=True`; nothing is created. A resource created or updated in a
+  preview hands back its checked inputs as its outputs (dynamic providers do not preview), so an output
+  that is not an input is not known: that is what the program and every resource after it see.
+- up: previews first (unless `skip_preview`), then registers for real; resources of the old state that
+  the program no longer declares are deleted at the end, dependents first.
+- refresh: Read of every resource with its recorded outputs and inputs, then Diff of what was read
+  against the recorded inputs: what differs is shown, and recorded for the next preview.
+- destroy: Delete of every resource, dependents first.
+
+Every mode returns a `Plan`, printed the way a reviewer reads `pulumi preview --diff`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pulumi
-from hcloud import Client
+from hcloud import APIException, Client
 from hcloud.images import Image as HImage
 from hcloud.locations import Location
 from hcloud.server_types import ServerType
 from hcloud.ssh_keys import SSHKey
+from pulumi.output import Unknown
 from pulumi.runtime import mocks as pulumi_mocks
 from pulumi.runtime import rpc
 
-from .provider_server import ProviderServer
+from .provider_server import PROVIDER_KEY, ProviderServer
 
 DYNAMIC = "pulumi-python:dynamic:Resource"
 HCLOUD_SERVER = "hcloud:index/server:Server"
 HCLOUD_SSH_KEY = "hcloud:index/sshKey:SshKey"
 HCLOUD_GET_SSH_KEY = "hcloud:index/getSshKey:getSshKey"
+COMMAND = "command:remote:Command"
+
+# Server inputs whose change makes pulumi-hcloud replace the server (ForceNew in terraform-provider-hcloud's
+# `hcloud_server`); the other inputs it changes in place (`server_type` by a resize).
+SERVER_REPLACE_ON = ("location",)
+# Outputs of an hcloud server that only the API knows (not known in a preview of its creation).
+SERVER_COMPUTED = ("ipv4Address", "ipv6Address", "ipv6Network", "status")
+
+SYMBOLS = {"create": "+", "update": "~", "replace": "+-", "delete": "-", "same": " "}
 
 
 class UpFailed(RuntimeError):
@@ -46,11 +75,123 @@ def _unwrap_secrets(value: Any) -> Any:
     return value
 
 
+def _known(value: Any) -> bool:
+    return not rpc.contains_unknowns(value)
+
+
+def diff_paths(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Property paths at which `new` differs from `old`, as `pulumi preview --diff` names them
+    (`hosts.web-1.flake`, `sshKeys[0]`); a value not known yet differs."""
+    if isinstance(new, Unknown):
+        return [prefix or "(all)"]
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        paths: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            if key == PROVIDER_KEY and not prefix:
+                continue
+            sub = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old or key not in new:
+                paths.append(sub)
+            else:
+                paths += diff_paths(old[key], new[key], sub)
+        return paths
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [p for i, (o, n) in enumerate(zip(old, new, strict=True)) for p in diff_paths(o, n, f"{prefix}[{i}]")]
+    if old != new:
+        return [prefix or "(all)"]
+    return []
+
+
+def _drift_paths(value: Any, prefix: str = "") -> list[str]:
+    """Where a provider recorded drift (a truthy `drift`): what makes a diff with unchanged inputs act."""
+    if isinstance(value, Mapping):
+        found = [f"{prefix}.drift".lstrip(".")] if value.get("drift") else []
+        for key, sub in value.items():
+            if key != "drift":
+                found += _drift_paths(sub, f"{prefix}.{key}" if prefix else str(key))
+        return found
+    return []
+
+
 @dataclass
 class Recorded:
+    """One resource of the state: what the engine records after each operation."""
+
     id: str
     inputs: dict[str, Any]
     outputs: dict[str, Any]
+    type: str = ""
+    name: str = ""
+    parent: str | None = None  # key of the parent resource
+    dependencies: list[str] = field(default_factory=list)  # keys of the resources it depends on
+    custom: bool = True
+
+
+@dataclass
+class Change:
+    """One line of a plan: the operation on a resource and the property paths that made it."""
+
+    op: str  # create, update, replace, delete, same
+    key: str
+    paths: tuple[str, ...] = ()
+
+    @property
+    def type(self) -> str:
+        return self.key.split("::", 1)[0]
+
+    @property
+    def name(self) -> str:
+        return self.key.split("::", 1)[1]
+
+    def __str__(self) -> str:
+        text = f"{SYMBOLS[self.op]} {self.type} {self.name}"
+        return text + (f"  [{', '.join(self.paths)}]" if self.paths else "")
+
+
+class Plan(list[Change]):
+    """The steps of one run, in the order the resources were registered."""
+
+    def changes(self) -> dict[str, tuple[str, tuple[str, ...]]]:
+        """Every resource that is not unchanged: `{name: (op, paths)}` (names are unique in a stack)."""
+        return {c.name: (c.op, c.paths) for c in self if c.op != "same"}
+
+    def summary(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for c in self:
+            counts[c.op] = counts.get(c.op, 0) + 1
+        return counts
+
+    def render(self) -> str:
+        lines = [str(c) for c in self if c.op != "same"]
+        counts = self.summary()
+        words = {"create": "to create", "update": "to update", "replace": "to replace", "delete": "to delete"}
+        parts = [f"{counts[op]} {word}" for op, word in words.items() if counts.get(op)]
+        parts.append(f"{counts.get('same', 0)} unchanged")
+        return "\n".join([*lines, "Resources: " + ", ".join(parts)])
+
+
+def _key_of_urn(urn: str) -> str:
+    """`urn:pulumi:stack::project::parent$type::name` -> `type::name`."""
+    *_, qualified_type, name = urn.split("::")
+    return f"{qualified_type.split('$')[-1]}::{name}"
+
+
+class _Monitor(pulumi_mocks.MockMonitor):
+    """The mock monitor, also telling the engine what `MockResourceArgs` leaves out: parent, dependencies
+    and `ignore_changes` of each registration."""
+
+    def __init__(self, engine: LocalEngine) -> None:
+        super().__init__(engine)
+        self._engine = engine
+
+    def RegisterResource(self, request: Any) -> Any:
+        top_level = not request.parent or "pulumi:pulumi:Stack" in request.parent
+        self._engine._options.value = {
+            "parent": None if top_level else _key_of_urn(request.parent),
+            "dependencies": sorted({_key_of_urn(u) for u in request.dependencies}),
+            "ignore_changes": list(request.ignoreChanges),
+        }
+        return super().RegisterResource(request)
 
 
 @dataclass
@@ -58,7 +199,7 @@ class LocalEngine(pulumi_mocks.Mocks):
     server: ProviderServer
     hcloud: Client
     state: dict[str, Recorded] = field(default_factory=dict)
-    # What happened to each resource in the last run: created, updated, same.
+    # What happened to each resource in the last run: created, updated, replaced, deleted, same.
     operations: dict[str, str] = field(default_factory=dict)
     # Called with (key, record, operation) after each resource is created or updated, before anything
     # that depends on it runs: tests inject faults at exact points of the flow through these.
@@ -66,26 +207,73 @@ class LocalEngine(pulumi_mocks.Mocks):
     errors: list[str] = field(default_factory=list)
     # Resource operations at once, like `pulumi up --parallel` (whose default is unbounded).
     parallel: int = 256
+    project: str = "nix-dabei"
+    stack: str = "local"
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        self._options = threading.local()
+        self._preview = False
+        self._plan = Plan()
+        self._registered: set[str] = set()
+        self._working: dict[str, Recorded] = {}
+        self.last_preview = Plan()  # the preview `up` ran first
+        self.last_plan = Plan()  # what the last `up` did
 
-    # -- Mocks protocol --------------------------------------------------------------------------------
+    # -- state on disk -----------------------------------------------------------------------------
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps({k: asdict(r) for k, r in self.state.items()}, indent=1, sort_keys=True))
+
+    @staticmethod
+    def load_state(path: Path) -> dict[str, Recorded]:
+        """A state written by `save`, or by an earlier release (`{key: {id, inputs, outputs}}`)."""
+        raw = json.loads(path.read_text())
+        state = {}
+        for key, rec in raw.items():
+            typ, name = key.split("::", 1)
+            rec.setdefault("type", typ)
+            rec.setdefault("name", name)
+            rec.setdefault("custom", typ in (DYNAMIC, HCLOUD_SERVER, HCLOUD_SSH_KEY, COMMAND))
+            state[key] = Recorded(**rec)
+        return state
+
+    # -- Mocks protocol ----------------------------------------------------------------------------
 
     def new_resource(self, args: pulumi_mocks.MockResourceArgs) -> tuple[str | None, dict[str, Any]]:
         key = f"{args.typ}::{args.name}"
+        options = getattr(self._options, "value", None) or {}
+        with self._lock:
+            self._registered.add(key)
+        old = self._working.get(key)
+        inputs = dict(args.inputs)
+        if old is not None:
+            # The engine applies `ignore_changes` before Check: ignored paths keep their recorded value.
+            for prop in options.get("ignore_changes", []):
+                if prop in old.inputs:
+                    inputs[prop] = old.inputs[prop]
+                else:
+                    inputs.pop(prop, None)
+        rec = Recorded("", inputs, {}, args.typ, args.name, options.get("parent"), options.get("dependencies", []))
         try:
             if args.typ == DYNAMIC:
-                # The engine strips secret wrappers for providers that do not accept secrets.
-                return self._dynamic(key, _unwrap_secrets(args.inputs))
-            if args.typ == HCLOUD_SERVER:
-                return self._server(key, args.inputs)
-            if args.typ == HCLOUD_SSH_KEY:
-                return self._ssh_key(key, args.inputs)
-            return f"{args.name}-id", dict(args.inputs)  # components
+                op, rec = self._dynamic(key, rec, old)
+            elif args.typ == HCLOUD_SERVER:
+                op, rec = self._server(key, rec, old)
+            elif args.typ == HCLOUD_SSH_KEY:
+                op, rec = self._ssh_key(key, rec, old)
+            elif args.typ == COMMAND:
+                op, rec = self._command(key, rec, old)
+            else:  # a component: the engine only records it
+                rec.custom = False
+                rec.id = old.id if old else f"{args.name}-id"
+                op, paths = ("same" if old else "create"), ()
+                self._step(key, rec, op, paths)
+                return rec.id, {}
         except Exception as exc:
             self.errors.append(f"{args.name}: {exc}")
             raise
+        return rec.id or None, rec.outputs
 
     def call(self, args: pulumi_mocks.MockCallArgs) -> tuple[dict[str, Any], list[tuple[str, str]] | None]:
         if args.token == HCLOUD_GET_SSH_KEY:
@@ -95,87 +283,246 @@ class LocalEngine(pulumi_mocks.Mocks):
             return {"id": key.id, "name": key.name, "publicKey": key.public_key, "fingerprint": key.fingerprint}, []
         raise UpFailed(f"unsupported invoke {args.token}")
 
-    # -- resources -------------------------------------------------------------------------------------
+    # -- recording ---------------------------------------------------------------------------------
 
-    def _dynamic(self, key: str, inputs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        urn = f"urn:pulumi:local::nix-dabei::{key}"
-        old = self.state.get(key)
-        checked = self.server.check(urn, old.inputs if old else {}, inputs)
+    def _step(self, key: str, rec: Recorded, op: str, paths: tuple[str, ...] | list[str]) -> None:
+        with self._lock:
+            self._plan.append(Change(op, key, tuple(paths)))
+            if not self._preview:
+                self._working[key] = rec
+                self.state[key] = rec
+                self.operations[key] = {"create": "created", "update": "updated", "replace": "replaced"}.get(op, op)
+        if op != "same" and not self._preview:
+            for listener in self.listeners:
+                listener(key, rec, self.operations[key])
+
+    # -- dynamic resources (the real provider server) ----------------------------------------------
+
+    def _urn(self, key: str) -> str:
+        return f"urn:pulumi:{self.stack}::{self.project}::{key}"
+
+    def _dynamic(self, key: str, rec: Recorded, old: Recorded | None) -> tuple[str, Recorded]:
+        # The engine strips secret wrappers for providers that do not accept secrets.
+        news = _unwrap_secrets(rec.inputs)
+        urn = self._urn(key)
+        checked = self.server.check(urn, old.inputs if old else {}, news)
         if checked.failures:
             raise UpFailed("; ".join(f"{p}: {r}" for p, r in checked.failures))
+        rec.inputs = checked.inputs
+        paths: tuple[str, ...] = ()
         if old is None:
-            id_, outs = self.server.create(urn, checked.inputs)
-            self._record(key, Recorded(id_, checked.inputs, outs), "created")
-            return id_, outs
-        if not self.server.diff(urn, old.id, old.outputs, checked.inputs):
-            self._record(key, Recorded(old.id, checked.inputs, old.outputs), "same")
-            return old.id, old.outputs
-        outs = self.server.update(urn, old.id, old.outputs, checked.inputs)
-        self._record(key, Recorded(old.id, checked.inputs, outs), "updated")
-        return old.id, outs
-
-    def _server(self, key: str, inputs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        old = self.state.get(key)
-        if old is None:
-            keys = [SSHKey(name=k) if not str(k).isdigit() else SSHKey(id=int(k)) for k in inputs.get("sshKeys", [])]
-            resp = self.hcloud.servers.create(
-                name=inputs["name"],
-                server_type=ServerType(name=inputs["serverType"]),
-                image=HImage(name=inputs["image"]),
-                location=Location(name=inputs["location"]),
-                labels=inputs.get("labels") or {},
-                ssh_keys=keys,
-            )
-            # pulumi-hcloud returns once the server runs: after the create action and the power-on after it.
-            for action in [resp.action, *(resp.next_actions or [])]:
-                action.wait_until_finished()
-            server = self.hcloud.servers.get_by_id(int(str(resp.server.id)))
-            op = "created"
+            op = "create"
         else:
+            diffed = self.server.diff(urn, old.id, old.outputs, checked.inputs)
+            if not diffed.changes:
+                rec.id, rec.outputs = old.id, old.outputs
+                self._step(key, rec, "same", ())
+                return "same", rec
+            op = "replace" if diffed.replaces else "update"
+            paths = tuple(diff_paths(old.inputs, checked.inputs) or _drift_paths(old.outputs))
+        if self._preview:
+            # Providers that do not preview hand back their inputs as outputs (provider_plugin.go).
+            rec.id, rec.outputs = (old.id if old else ""), checked.inputs
+        elif old is None or op == "replace":
+            rec.id, rec.outputs = self.server.create(urn, checked.inputs)
+        else:
+            rec.id, rec.outputs = old.id, self.server.update(urn, old.id, old.outputs, checked.inputs)
+        self._step(key, rec, op, paths)
+        return op, rec
+
+    # -- pulumi-hcloud stand-ins -------------------------------------------------------------------
+
+    def _server(self, key: str, rec: Recorded, old: Recorded | None) -> tuple[str, Recorded]:
+        inputs = rec.inputs
+        paths: tuple[str, ...] = ()
+        op = "create"
+        if old is not None:
+            paths = tuple(diff_paths(old.inputs, inputs))
+            replace = any(p.split(".")[0].split("[")[0] in SERVER_REPLACE_ON for p in paths)
+            op = "same" if not paths else "replace" if replace else "update"
+        if self._preview:
+            if op == "same":
+                assert old is not None
+                rec.id, rec.outputs = old.id, old.outputs
+            elif op == "update":
+                assert old is not None
+                rec.id, rec.outputs = old.id, {**old.outputs, **inputs}
+            else:
+                rec.id = old.id if old else ""
+                rec.outputs = {**inputs, **{k: pulumi.output.UNKNOWN for k in SERVER_COMPUTED}}
+            self._step(key, rec, op, paths)
+            return op, rec
+        if op in ("create", "replace"):
+            server = self._create_server(inputs)
+        else:
+            assert old is not None
             server = self.hcloud.servers.get_by_id(int(old.id))
             labels = inputs.get("labels") or {}
-            op = "same"
             if labels != server.labels:
-                server = server.update(labels=labels)
+                server.update(labels=labels)
                 server = self.hcloud.servers.get_by_id(int(old.id))
-                op = "updated"
+        rec.id, rec.outputs = str(server.id), self._server_outputs(server, inputs)
+        self._step(key, rec, op, paths)
+        if op == "replace" and old is not None:
+            self._delete_server(old)
+        return op, rec
+
+    def _create_server(self, inputs: Mapping[str, Any]) -> Any:
+        keys = [SSHKey(name=k) if not str(k).isdigit() else SSHKey(id=int(k)) for k in inputs.get("sshKeys", [])]
+        resp = self.hcloud.servers.create(
+            name=inputs["name"],
+            server_type=ServerType(name=inputs["serverType"]),
+            image=HImage(name=inputs["image"]),
+            location=Location(name=inputs["location"]),
+            labels=inputs.get("labels") or {},
+            ssh_keys=keys,
+        )
+        # pulumi-hcloud returns once the server runs: after the create action and the power-on after it.
+        for action in [resp.action, *(resp.next_actions or [])]:
+            action.wait_until_finished()
+        return self.hcloud.servers.get_by_id(int(str(resp.server.id)))
+
+    @staticmethod
+    def _server_outputs(server: Any, inputs: Mapping[str, Any]) -> dict[str, Any]:
         net = server.public_net
         if net is None or net.ipv4 is None or net.ipv6 is None:
-            raise UpFailed(f"server {inputs['name']!r} has no public IPv4 and IPv6 address")
-        outs = {
+            raise UpFailed(f"server {server.name!r} has no public IPv4 and IPv6 address")
+        return {
             **inputs,
             "ipv4Address": net.ipv4.ip,
             "ipv6Address": net.ipv6.ip,
+            "labels": dict(server.labels or {}),
             "status": server.status,
         }
-        self._record(key, Recorded(str(server.id), inputs, outs), op)
-        return str(server.id), outs
 
-    def _ssh_key(self, key: str, inputs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        old = self.state.get(key)
-        if old is not None and old.inputs.get("publicKey") == inputs.get("publicKey"):
-            self._record(key, old, "same")
-            return old.id, old.outputs
-        name = inputs.get("name") or key.rsplit("::", 1)[-1]
-        created = self.hcloud.ssh_keys.create(name=name, public_key=inputs["publicKey"])
-        outs = {**inputs, "name": created.name, "fingerprint": created.fingerprint}
-        self._record(key, Recorded(str(created.id), inputs, outs), "created")
-        return str(created.id), outs
+    def _delete_server(self, rec: Recorded) -> None:
+        server = self.hcloud.servers.get_by_id(int(rec.id))
+        server.delete().wait_until_finished()
 
-    def _record(self, key: str, rec: Recorded, op: str) -> None:
-        with self._lock:
-            self.state[key] = rec
-            self.operations[key] = op
-        if op != "same":
-            for listener in self.listeners:
-                listener(key, rec, op)
+    def _ssh_key(self, key: str, rec: Recorded, old: Recorded | None) -> tuple[str, Recorded]:
+        inputs = rec.inputs
+        paths: tuple[str, ...] = ()
+        if old is None:
+            op = "create"
+        else:
+            paths = tuple(diff_paths(old.inputs, inputs))
+            # `public_key` is ForceNew in terraform-provider-hcloud: a new (or not yet known) key replaces it.
+            op = "same" if not paths else "replace" if "publicKey" in paths else "update"
+        if op == "same":
+            assert old is not None
+            rec.id, rec.outputs = old.id, old.outputs
+        elif self._preview:
+            rec.id = old.id if old else ""
+            rec.outputs = {**inputs, "name": inputs.get("name", pulumi.output.UNKNOWN)}
+            if op != "update":
+                rec.outputs["fingerprint"] = pulumi.output.UNKNOWN
+        elif op == "update":
+            assert old is not None
+            rec.id, rec.outputs = old.id, {**old.outputs, **inputs}
+        else:
+            name = inputs.get("name") or key.rsplit("::", 1)[-1]
+            created = self.hcloud.ssh_keys.create(name=name, public_key=inputs["publicKey"])
+            rec.id, rec.outputs = str(created.id), {**inputs, "name": created.name, "fingerprint": created.fingerprint}
+        self._step(key, rec, op, paths)
+        if op == "replace" and old is not None and not self._preview:
+            self._delete_ssh_key(old)
+        return op, rec
 
-    # -- running a program -----------------------------------------------------------------------------
+    def _delete_ssh_key(self, rec: Recorded) -> None:
+        found = self._find_ssh_key(int(rec.id))
+        if found is not None:
+            self.hcloud.ssh_keys.delete(found)
 
-    def up(self, program: Callable[[], Any], *, project: str = "nix-dabei", stack: str = "local") -> Any:
-        """Run `program` (declares resources, returns outputs) to completion; returns its resolved outputs."""
-        self.operations = {}
+    def _find_ssh_key(self, key_id: int) -> Any:
+        try:
+            return self.hcloud.ssh_keys.get_by_id(key_id)
+        except APIException as exc:
+            if exc.code == "not_found":
+                return None
+            raise
+
+    # -- pulumi-command stand-in -------------------------------------------------------------------
+
+    def _command(self, key: str, rec: Recorded, old: Recorded | None) -> tuple[str, Recorded]:
+        """`command.remote.Command`: runs `create` (on a change, `update` or else `create` again) over SSH,
+        checking the host key it is given, as pulumi-command does."""
+        inputs = _unwrap_secrets(rec.inputs)
+        paths = () if old is None else tuple(diff_paths(_unwrap_secrets(old.inputs), inputs))
+        op = "create" if old is None else "update" if paths else "same"
+        if op == "same":
+            assert old is not None
+            rec.id, rec.outputs = old.id, old.outputs
+        elif self._preview:
+            rec.id = old.id if old else ""
+            rec.outputs = {**rec.inputs, "stdout": pulumi.output.UNKNOWN, "stderr": pulumi.output.UNKNOWN}
+        else:
+            script = inputs.get("update") if op == "update" and inputs.get("update") else inputs["create"]
+            stdout, stderr = asyncio.run(_remote(inputs["connection"], script))
+            rec.id = old.id if old else f"{rec.name}-{abs(hash(script)) % 10**8}"
+            rec.outputs = {**rec.inputs, "stdout": stdout, "stderr": stderr}
+        self._step(key, rec, op, paths)
+        return op, rec
+
+    # -- deletes -----------------------------------------------------------------------------------
+
+    def _delete(self, key: str, rec: Recorded) -> None:
+        if rec.type == DYNAMIC:
+            self.server.delete(self._urn(key), rec.id, rec.outputs)
+        elif rec.type == HCLOUD_SERVER:
+            if self.hcloud.servers.get_by_id(int(rec.id)) is not None:
+                self._delete_server(rec)
+        elif rec.type == HCLOUD_SSH_KEY:
+            self._delete_ssh_key(rec)
+        elif rec.type == COMMAND:
+            inputs = _unwrap_secrets(rec.inputs)
+            if inputs.get("delete"):
+                asyncio.run(_remote(inputs["connection"], inputs["delete"]))
+
+    def _deletion_order(self, keys: set[str]) -> list[str]:
+        """Dependents first: a resource goes before its dependencies and its parent. States recorded by
+        earlier releases carry no dependencies: their order falls back to the resource kinds."""
+        kind_rank = {COMMAND: 0, DYNAMIC: 1, HCLOUD_SERVER: 2, HCLOUD_SSH_KEY: 3}
+        needed_by: dict[str, set[str]] = {k: set() for k in keys}
+        for k in keys:
+            rec = self.state[k]
+            for dep in [*rec.dependencies, *([rec.parent] if rec.parent else [])]:
+                if dep in needed_by:
+                    needed_by[dep].add(k)
+        order: list[str] = []
+        remaining = set(keys)
+        while remaining:
+            ready = [k for k in remaining if not (needed_by[k] & remaining)] or list(remaining)
+            ready.sort(key=lambda k: (kind_rank.get(self.state[k].type, 9), k))
+            # Within one round, the step resources in reverse flow order (first boot before install).
+            order.append(ready[0])
+            remaining.discard(ready[0])
+        return order
+
+    def _delete_all(self, keys: set[str]) -> None:
+        for key in self._deletion_order(keys):
+            rec = self.state[key]
+            self._plan.append(Change("delete", key))
+            if self._preview:
+                continue
+            self._delete(key, rec)
+            with self._lock:
+                del self.state[key]
+                self.operations[key] = "deleted"
+
+    # -- running a program -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _run(self, preview: bool) -> Iterator[None]:
+        self._preview = preview
+        self._plan = Plan()
+        self._registered = set()
+        self._working = dict(self.state)
         self.errors = []
+        if not preview:
+            self.operations = {}
+        yield
+
+    def _program(self, program: Callable[[], Any], preview: bool) -> Any:
         loop = asyncio.new_event_loop()
         # Resource registrations block a thread each until the resource is done. The Python language host
         # sizes this pool by `pulumi up --parallel` (default unbounded); asyncio's default of cpu count + 4
@@ -183,7 +530,7 @@ class LocalEngine(pulumi_mocks.Mocks):
         executor = ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="register")
         loop.set_default_executor(executor)
         asyncio.set_event_loop(loop)
-        pulumi.runtime.set_mocks(self, project=project, stack=stack, preview=False)
+        pulumi.runtime.set_mocks(self, project=self.project, stack=self.stack, preview=preview, monitor=_Monitor(self))
         result: dict[str, Any] = {}
 
         @pulumi.runtime.test
@@ -201,3 +548,99 @@ class LocalEngine(pulumi_mocks.Mocks):
         if self.errors:
             raise UpFailed("\n".join(self.errors))
         return result.get("value")
+
+    def preview(self, program: Callable[[], Any]) -> Plan:
+        """What `up` would do; nothing is created, changed or deleted."""
+        with self._run(preview=True):
+            self._program(program, preview=True)
+            self._delete_all(set(self.state) - self._registered)
+            return self._plan
+
+    def up(self, program: Callable[[], Any], *, skip_preview: bool = False) -> Any:
+        """Run `program` (declares resources, returns outputs) to completion; returns its resolved outputs.
+        `self.last_plan` holds what was done."""
+        if not skip_preview:
+            self.last_preview = self.preview(program)
+        with self._run(preview=False):
+            value = self._program(program, preview=False)
+            self._delete_all(set(self.state) - self._registered)
+            self.last_plan = self._plan
+        return value
+
+    def refresh(self) -> Plan:
+        """Read every resource; record what was read. A resource whose provider finds it differs from its
+        inputs (dynamic: Diff of the read state against the recorded inputs) is shown as `update`."""
+        with self._run(preview=False):
+            for key, rec in list(self.state.items()):
+                if not rec.custom:
+                    self._plan.append(Change("same", key))
+                    continue
+                read = self._read(key, rec)
+                if read is None:
+                    self._plan.append(Change("delete", key))
+                    del self.state[key]
+                    continue
+                paths = tuple(diff_paths(rec.outputs, read.outputs))
+                changed = bool(paths)
+                if rec.type == DYNAMIC:
+                    changed = bool(self.server.diff(self._urn(key), rec.id, read.outputs, read.inputs).changes)
+                self.state[key] = read
+                self._plan.append(Change("update" if changed else "same", key, paths if changed else ()))
+            return self._plan
+
+    def _read(self, key: str, rec: Recorded) -> Recorded | None:
+        if rec.type == DYNAMIC:
+            outputs, inputs = self.server.read(self._urn(key), rec.id, rec.outputs, rec.inputs)
+            return Recorded(**{**asdict(rec), "outputs": outputs, "inputs": inputs or rec.inputs})
+        if rec.type == HCLOUD_SERVER:
+            server = self.hcloud.servers.get_by_id(int(rec.id))
+            if server is None:
+                return None
+            return Recorded(**{**asdict(rec), "outputs": self._server_outputs(server, rec.inputs)})
+        if rec.type == HCLOUD_SSH_KEY:
+            return None if self._find_ssh_key(int(rec.id)) is None else rec
+        return rec
+
+    def destroy(self) -> Plan:
+        """Delete every resource of the state, dependents first."""
+        with self._run(preview=False):
+            self._delete_all(set(self.state))
+            return self._plan
+
+
+def generated_keys(state: Mapping[str, Recorded], fleet: str) -> dict[str, Any]:
+    """The keys a fleet's state holds, in one map: `deploy_public_key`, `deploy_private_key`,
+    `host_public_keys` and `host_private_keys` (`{host: key}`), from `<fleet>-keys` and each host's
+    `<fleet>-<host>-hostkey`. For tests and tools that inspect a stack; the values are secrets."""
+    keys = state[f"{DYNAMIC}::{fleet}-keys"].outputs
+    found = {
+        "deploy_public_key": keys["deploy_public_key"],
+        "deploy_private_key": keys["deploy_private_key"],
+        "host_public_keys": dict(keys.get("host_public_keys") or {}),
+        "host_private_keys": dict(keys.get("host_private_keys") or {}),
+    }
+    prefix, suffix = f"{DYNAMIC}::{fleet}-", "-hostkey"
+    for key, rec in state.items():
+        if key.startswith(prefix) and key.endswith(suffix):
+            host = rec.outputs["host"]
+            found["host_public_keys"][host] = rec.outputs["public_key"]
+            found["host_private_keys"][host] = rec.outputs["private_key"]
+    return found
+
+
+async def _remote(connection: Mapping[str, Any], script: str) -> tuple[str, str]:
+    """Run `script` as pulumi-command's remote Command does: as `user`, with the host key checked."""
+    from .ssh import connect, run
+
+    loop = asyncio.get_running_loop()
+    conn, _ = await connect(
+        connection["host"],
+        port=int(connection.get("port") or 22),
+        client_key=connection["privateKey"],
+        host_key=connection["hostKey"],
+        deadline=loop.time() + 60,
+        username=connection.get("user") or "root",
+    )
+    async with conn:
+        done = await run(conn, script, timeout=300)
+    return done.stdout, done.stderr

@@ -100,8 +100,17 @@ def exports(fleet: Fleet) -> dict[str, Any]:
 
 
 def declare(args: FleetArgs, name: str = "fleet") -> dict[str, Any]:
-    """Declare the fleet; returns its exports."""
-    return exports(Fleet(name, args))
+    """Declare the fleet, and on each host a command that runs once it converged; returns the exports."""
+    fleet = Fleet(name, args)
+    for host_name, host in fleet.hosts.items():
+        # After convergence, further steps run over SSH with the pinned host key (checking stays on).
+        command.remote.Command(
+            f"{host_name}-uname",
+            connection=host.connection_args(),
+            create="uname -a",
+            opts=pulumi.ResourceOptions(parent=host, depends_on=[fleet.first_boot]),
+        )
+    return exports(fleet)
 
 
 def main() -> None:
@@ -112,14 +121,5 @@ def main() -> None:
         cfg.get_object("deadlines"),
         cfg.get_int("sshPort"),
     )
-    fleet = Fleet("fleet", args)
-    for host_name, host in fleet.hosts.items():
-        # After convergence, further steps run over SSH with the pinned host key (checking stays on).
-        command.remote.Command(
-            f"{host_name}-uname",
-            connection=host.connection_args(),
-            create="uname -a",
-            opts=pulumi.ResourceOptions(parent=host, depends_on=[fleet.first_boot]),
-        )
-    for key, value in exports(fleet).items():
+    for key, value in declare(args).items():
         pulumi.export(key, value)

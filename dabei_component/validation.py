@@ -22,7 +22,7 @@ _LABEL_KEY = re.compile(r"^([a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?$")
 _DISK = re.compile(r"^/dev/(sd[a-z]+|vd[a-z]+|nvme\d+n\d+|disk/by-[a-z]+/[A-Za-z0-9._:-]+)$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-REINSTALL_POLICIES = ("on-image-change", "never")
+_REINSTALL_REQUEST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,62}$")
 
 
 def hostname(prop: str, value: Any) -> list[Problem]:
@@ -102,8 +102,26 @@ def positive_seconds(prop: str, value: Any) -> list[Problem]:
 
 
 def reinstall(prop: str, value: Any) -> list[Problem]:
-    if value not in REINSTALL_POLICIES:
-        return [(prop, f"expected one of {', '.join(REINSTALL_POLICIES)}, got {value!r}")]
+    """A reinstall request: None (none), or an ID such as a date; a new ID wipes and reinstalls the host."""
+    if value is None:
+        return []
+    if value == "on-image-change":
+        return [
+            (
+                prop,
+                "'on-image-change' is gone: a new image never rewrites an installed host's disk (it applies to "
+                "hosts installed from then on). Remove the key, or set it to a new request ID such as "
+                "'2026-12-01' to wipe and reinstall this one host",
+            )
+        ]
+    if not isinstance(value, str) or not _REINSTALL_REQUEST.match(value):
+        return [
+            (
+                prop,
+                f"expected a reinstall request ID (1-63 letters, digits, '.', '_', ':', '+', '-'), such as "
+                f"'2026-12-01', got {value!r}",
+            )
+        ]
     return []
 
 

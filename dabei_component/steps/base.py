@@ -31,12 +31,11 @@ from pulumi.dynamic import (
     ResourceProvider,
     UpdateResult,
 )
+from pulumi.output import Unknown
+from pulumi.runtime import rpc
 
 from .. import validation
 from ..settings import ProviderSettings
-
-# The value of a property that is not known yet at preview (an output of a resource still to be created).
-UNKNOWN = "04da6b54-80e4-46f7-96ec-b56ff0331ba9"
 
 
 class HostError(Exception):
@@ -68,8 +67,18 @@ class HostContext:
 
 
 def is_unknown(value: Any) -> bool:
-    if value == UNKNOWN:
+    """Whether `value` is, or holds at any depth, a value not known yet.
+
+    During a preview the engine sends values it does not know yet (outputs of resources still to be created
+    or being updated), and the SDK's provider server deserializes them with `keep_unknowns=True`
+    (`pulumi/dynamic/__main__.py`, `pulumi/runtime/rpc.py: deserialize_property`): they arrive as
+    `pulumi.output.Unknown` objects, at the top level or inside lists, maps and secrets. The wire sentinel
+    string `rpc.UNKNOWN` is recognized too, for values handed over without deserialization.
+    """
+    if isinstance(value, Unknown) or (isinstance(value, str) and value == rpc.UNKNOWN):
         return True
+    if rpc.is_rpc_secret(value):
+        return is_unknown(rpc.unwrap_rpc_secret(value))
     if isinstance(value, Mapping):
         return any(is_unknown(v) for v in value.values())
     if isinstance(value, list | tuple):
@@ -196,8 +205,9 @@ class FleetStep(ResourceProvider):
         raise NotImplementedError
 
     def wants_action(self, name: str, old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
-        """Whether `update` must act on this host. Subclasses refine (the reinstall policy, for one)."""
-        if old is None:
+        """Whether `update` must act on this host: it is new, one of `host_fields` changed, or a refresh
+        recorded drift for it. Subclasses refine (the reinstall request, for one)."""
+        if old is None or old.get("drift"):
             return True
         return any(old.get(f) != new.get(f) for f in self.host_fields)
 
@@ -221,16 +231,18 @@ class FleetStep(ResourceProvider):
         return CheckResult(news, failures)
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
+        """Changes when a host is added or removed, when a host would act (`wants_action`, which sees
+        what `read` recorded, so drift found by a refresh shows here), or when a value that decides
+        that is not known yet (preview)."""
         old_hosts = olds.get("hosts") or {}
-        new_hosts = news["hosts"]
-        if is_unknown(new_hosts) or any(is_unknown(news.get(f)) for f in self.shared_fields):
+        new_hosts = news.get("hosts")
+        if not isinstance(new_hosts, Mapping) or any(is_unknown(news.get(f)) for f in self.shared_fields):
             return DiffResult(changes=True, replaces=[], delete_before_replace=False)
         changed = set(old_hosts) != set(new_hosts)
         changed = changed or any(olds.get(f) != news.get(f) for f in self.shared_fields)
         for name, new in new_hosts.items():
-            old = old_hosts.get(name)
-            if old is None or any(is_unknown(new.get(f)) or old.get(f) != new.get(f) for f in self.host_fields):
-                changed = True
+            undecided = not isinstance(new, Mapping) or any(is_unknown(new.get(f)) for f in self.host_fields)
+            changed = changed or undecided or self.wants_action(name, old_hosts.get(name), new)
         return DiffResult(changes=changed, replaces=[], delete_before_replace=False)
 
     def create(self, props: dict[str, Any]) -> CreateResult:

@@ -38,7 +38,9 @@ def _failure(status: Mapping[str, Any]) -> str:
 
 class FirstBootProvider(FleetStep):
     step = "firstboot"
-    host_fields = ("server_id", "installed_image", "rescue_boot_id", "flake")
+    # What the program decides: a (re)installed server or a new flake. What the install step recorded
+    # (installed image, rescue boot id) is read, not compared: a preview does not know it yet.
+    host_fields = ("server_id", "reinstall", "flake")
     secret_inputs = ("deploy_private_key",)
 
     async def _connect(
@@ -142,7 +144,9 @@ class FirstBootProvider(FleetStep):
         }
 
     async def read_host(self, ctx: HostContext, host: dict[str, Any], props: dict[str, Any]) -> dict[str, Any]:
-        """What is really on the host now, so `pulumi refresh` shows drift."""
+        """What is really on the host now, so `pulumi refresh` shows drift: a host that does not answer with
+        its generated key, is not converged, runs another flake, or runs another system than the one it
+        converged to. `drift` says which; the next `up` acts on a host with drift (see `wants_action`)."""
         if not props.get("deploy_private_key"):
             return host
         loop = asyncio.get_running_loop()
@@ -153,12 +157,15 @@ class FirstBootProvider(FleetStep):
         with contextlib.closing(conn):
             status = await self._status(conn)
         st = status.get("status") or {}
+        system = status.get("system")
         drift = None
         if st.get("phase") != "converged":
             drift = f"first-boot phase is {st.get('phase')!r}"
         elif st.get("flake") != host.get("flake"):
             drift = f"the host runs flake {st.get('flake')!r}"
-        return {**host, "system": status.get("system"), "boot_id": status.get("boot_id"), "drift": drift}
+        elif host.get("system") and system != host["system"]:
+            drift = f"the host runs {system}, not {host['system']} it converged to"
+        return {**host, "system": system, "boot_id": status.get("boot_id"), "drift": drift}
 
 
 class FirstBoot(pulumi.dynamic.Resource):

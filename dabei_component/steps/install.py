@@ -56,7 +56,7 @@ def seed_document(host: Mapping[str, Any], private_key: str) -> dict[str, Any]:
 
 class InstallProvider(FleetStep):
     step = "install"
-    host_fields = ("server_id", "image")
+    host_fields = ("server_id", "reinstall")
     secret_inputs = SECRET_INPUTS
 
     def check_inputs(self, news: dict[str, Any]) -> list[CheckFailure]:

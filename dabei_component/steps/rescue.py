@@ -136,16 +136,19 @@ def check_catalog(provider: FleetStep, hosts: Any) -> list[CheckFailure]:
 
 
 def wants_install(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
-    """A host is (re)installed when it is new, its server was replaced, or its image changed and its
-    reinstall policy allows it. A new image under policy `never` shows in the preview, nothing more."""
+    """A host is installed when it is new or its server was replaced, and reinstalled (its disk wiped)
+    only on an explicit request: a `reinstall` ID other than the one it was last installed under. A new
+    image is not a request: it applies to hosts installed from then on, so a routine image bump (a
+    `nix flake update`) never destroys data."""
     if old is None or old.get("server_id") != new.get("server_id"):
         return True
-    return old.get("image") != new.get("image") and new.get("reinstall", "on-image-change") != "never"
+    request = new.get("reinstall")
+    return bool(request) and request != old.get("reinstall")
 
 
 class RescueProvider(FleetStep):
     step = "rescue"
-    host_fields = ("server_id", "image")
+    host_fields = ("server_id", "reinstall")
     secret_inputs = ("deploy_private_key",)
 
     def check_inputs(self, news: dict[str, Any]) -> list[CheckFailure]:

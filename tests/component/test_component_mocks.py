@@ -32,14 +32,16 @@ class RecordingMocks(pulumi.runtime.Mocks):
         if args.typ == "hcloud:index/sshKey:SshKey":
             outs["name"] = args.name
             return "99", outs
-        if args.typ == "pulumi-python:dynamic:Resource" and "host_names" in args.inputs:
-            names = args.inputs["host_names"]
+        if args.typ == "pulumi-python:dynamic:Resource" and args.name.endswith("-keys"):
             outs.update(
                 deploy_public_key=DEPLOY.public,
                 deploy_private_key=DEPLOY.private_openssh,
-                host_public_keys={n: HOST_KEYS[n].public for n in names},
-                host_private_keys={n: HOST_KEYS[n].private_openssh for n in names},
+                host_public_keys={},
+                host_private_keys={},
             )
+        if args.typ == "pulumi-python:dynamic:Resource" and "host" in args.inputs:
+            pair = HOST_KEYS[args.inputs["host"]]
+            outs.update(public_key=pair.public, private_key=pair.private_openssh)
         if args.typ == "pulumi-python:dynamic:Resource" and isinstance(args.inputs.get("hosts"), dict):
             outs["hosts"] = {n: {**h, "system": f"/nix/store/x-{n}"} for n, h in args.inputs["hosts"].items()}
         return f"{args.name}-id", outs
@@ -98,7 +100,15 @@ def test_resource_graph_types_and_parents() -> None:
     assert types["prod-deploy"] == "hcloud:index/sshKey:SshKey"
     assert types["prod-user-0"] == "hcloud:index/sshKey:SshKey"
     dynamic = sorted(n for n, t in types.items() if t == "pulumi-python:dynamic:Resource")
-    assert dynamic == ["prod-firstboot", "prod-image", "prod-install", "prod-keys", "prod-rescue"]
+    assert dynamic == [
+        "prod-firstboot",
+        "prod-image",
+        "prod-install",
+        "prod-keys",
+        "prod-rescue",
+        "prod-web-1-hostkey",
+        "prod-web-2-hostkey",
+    ]
     # Two hcloud servers, named after the hosts, each a child of its Host component.
     servers = [r for r in mocks.resources if r.typ == "hcloud:index/server:Server"]
     assert sorted(r.inputs["name"] for r in servers) == ["web-1", "web-2"]
@@ -106,6 +116,7 @@ def test_resource_graph_types_and_parents() -> None:
     assert mocks.monitor is not None
     parents = mocks.monitor.parents
     assert parents["prod-web-1-server"] == "prod-web-1"
+    assert parents["prod-web-1-hostkey"] == "prod-web-1"
     for child in ("prod-web-1", "prod-web-2", "prod-keys", "prod-deploy", "prod-image", "prod-rescue", "prod-install"):
         assert parents[child] == "prod", child
     assert parents["prod-firstboot"] == "prod"
@@ -181,7 +192,9 @@ def test_preview_with_unknown_server_ids_does_not_fail() -> None:
         ({"firewall_ids": [-1]}, "hosts[0].firewall_ids"),
         ({"disk": "/dev/sda1; rm -rf /"}, "hosts[0].disk"),
         ({"disk": "sda"}, "hosts[0].disk"),
-        ({"reinstall": "always"}, "hosts[0].reinstall"),
+        ({"reinstall": "on-image-change"}, "hosts[0].reinstall"),
+        ({"reinstall": "next week"}, "hosts[0].reinstall"),
+        ({"reinstall": ""}, "hosts[0].reinstall"),
         ({"name": "web-2"}, "hosts[1].name"),
     ],
 )

@@ -26,7 +26,7 @@ def urn(key: str) -> str:
 
 
 async def host_status(stack: Stack, name: str) -> dict[str, Any]:
-    keys = stack.outputs("keys")
+    keys = stack.keys()
     host = stack.hosts("firstboot")[name]
     conn, _ = await connect(
         host["ipv4"],
@@ -91,7 +91,7 @@ def test_refresh_of_a_host_reinstalled_behind_our_back_reports_drift(
     finally:
         server.close()
     assert drifted.get("system") is None
-    generated = stack.outputs("keys")["host_public_keys"][name]
+    generated = stack.keys()["host_public_keys"][name]
     assert f"presented another host key than the pinned {fingerprint(generated)}" in drifted["drift"]
     # The read reports; it neither fails nor changes the recorded inputs.
     assert drifted["flake"] == recorded.outputs["hosts"][name]["flake"]

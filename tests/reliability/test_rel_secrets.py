@@ -47,7 +47,7 @@ def log_lines() -> Iterator[list[str]]:
 
 
 def secrets(sim: SimThread, stack: Stack) -> list[str]:
-    keys = stack.outputs("keys")
+    keys = stack.keys()
     private = [keys["deploy_private_key"], *keys["host_private_keys"].values()]
     # The base64 body of each private key too, in case something printed it without its armour.
     bodies = [line for key in private for line in key.splitlines() if len(line) > 40]
