@@ -115,23 +115,20 @@ def _get(mapping: Mapping[str, Any] | None, key: str) -> Any:
     return (mapping or {}).get(key)
 
 
-def _with_results(
-    hosts: pulumi.Output[dict[str, dict[str, Any]]], results: pulumi.Output[dict[str, Any]], fields: tuple[str, ...]
-) -> pulumi.Output[dict[str, dict[str, Any]]]:
-    """Each host's program inputs plus the named results of the step before.
+def _step_results(step_hosts: pulumi.Output[dict[str, Any]], fields: tuple[str, ...]) -> pulumi.Output[Any]:
+    """The named results of a step for each host, `{name: {field: value}}`, for the step after it.
 
-    A preview of a step being updated hands back its inputs as its outputs (the engine's rule for providers
-    that do not preview), so a result it has not produced yet is absent: it is marked not known yet, as
-    it is, rather than passed on as None."""
+    They travel as one input of their own, beside `hosts`, so that a preview shows them as one value
+    (`rescued`, `installed`) instead of a change under every host: a preview of a step being updated hands
+    back its inputs as its outputs (the engine's rule for providers that do not preview), so its results
+    are not known yet, and they are marked so."""
 
-    def result(host: Mapping[str, Any] | None, field: str) -> Any:
-        if host is not None and field in host:
-            return host[field]
-        return pulumi.output.UNKNOWN if pulumi.runtime.is_dry_run() else None
+    def pick(hosts: Mapping[str, Any]) -> Any:
+        if pulumi.runtime.is_dry_run() and any(f not in h for h in hosts.values() for f in fields):
+            return pulumi.output.UNKNOWN
+        return {n: {f: h.get(f) for f in fields} for n, h in hosts.items()}
 
-    return pulumi.Output.all(hosts, results).apply(
-        lambda a: {n: {**h, **{f: result(a[1].get(n), f) for f in fields}} for n, h in a[0].items()}
-    )
+    return step_hosts.apply(pick)
 
 
 def _is_public_key(key: str) -> bool:
@@ -247,29 +244,29 @@ class Fleet(pulumi.ComponentResource):
                 adopt_host_key=self.keys.host_private_keys.apply(partial(_get, key=host.name)),
                 opts=child,
             )
-        host_private_keys = pulumi.Output.all(**{n: h.host_key.private_key for n, h in self.hosts.items()})
+        host_private_keys = {n: h.host_key.private_key for n, h in self.hosts.items()}
 
         authorized = self._authorized_keys(args, user_keys)
         # What the program says about each host. Every step gets these directly (not through the step
         # before it), so a step that has nothing to do never hands stale inputs downstream.
-        host_inputs: pulumi.Output[dict[str, dict[str, Any]]] = pulumi.Output.from_input(
-            {
-                h.name: {
-                    "server_id": self.hosts[h.name].server.id.apply(int),
-                    "ipv4": self.hosts[h.name].ipv4,
-                    "image": self.image.out_path,
-                    "reinstall": h.reinstall,
-                    "disk": h.disk,
-                    "flake": h.flake,
-                    "hostname": h.name,
-                    "server_type": h.server_type,
-                    "location": h.location,
-                    "host_public_key": self.hosts[h.name].host_key.public_key,
-                    "authorized_keys": authorized[h.name],
-                }
-                for h in args.hosts
+        # A plain map of outputs, not one output: each value is sent on its own, so a preview that adds a
+        # host has only that host's values not known yet (`hosts.<new>`), not the whole map.
+        host_inputs: dict[str, dict[str, pulumi.Input[Any]]] = {
+            h.name: {
+                "server_id": self.hosts[h.name].server.id.apply(int),
+                "ipv4": self.hosts[h.name].ipv4,
+                "image": self.image.out_path,
+                "reinstall": h.reinstall,
+                "disk": h.disk,
+                "flake": h.flake,
+                "hostname": h.name,
+                "server_type": h.server_type,
+                "location": h.location,
+                "host_public_key": self.hosts[h.name].host_key.public_key,
+                "authorized_keys": authorized[h.name],
             }
-        )
+            for h in args.hosts
+        }
         rescue_keys = [self.deploy_key.id.apply(int)]
         self.rescue = Rescue(
             f"{name}-rescue",
@@ -290,7 +287,8 @@ class Fleet(pulumi.ComponentResource):
         rescue_results = ("rescue_host_key", "rescue_boot_id", "rescue_action_id")
         self.install = Install(
             f"{name}-install",
-            hosts=_with_results(host_inputs, self.rescue.hosts, rescue_results),
+            hosts=host_inputs,
+            rescued=_step_results(self.rescue.hosts, rescue_results),
             image=image_outputs,
             rescue_ssh_key_ids=rescue_keys,
             deploy_private_key=self.keys.deploy_private_key,
@@ -300,7 +298,8 @@ class Fleet(pulumi.ComponentResource):
         )
         self.first_boot = FirstBoot(
             f"{name}-firstboot",
-            hosts=_with_results(host_inputs, self.install.hosts, ("installed_image", "rescue_boot_id")),
+            hosts=host_inputs,
+            installed=_step_results(self.install.hosts, ("installed_image", "rescue_boot_id")),
             deploy_private_key=self.keys.deploy_private_key,
             deadline_seconds=args.deadlines.firstboot,
             opts=child,

@@ -125,6 +125,13 @@ class Recorded:
     parent: str | None = None  # key of the parent resource
     dependencies: list[str] = field(default_factory=list)  # keys of the resources it depends on
     custom: bool = True
+    # Outputs the engine stores encrypted: `additional_secret_outputs`, outputs named like a secret input
+    # (the engine keeps the secret bit for providers that do not accept secrets), and `__provider`.
+    secret_outputs: list[str] = field(default_factory=list)
+
+    def plain_outputs(self) -> dict[str, Any]:
+        """The outputs as the state stores them in plain text."""
+        return {k: v for k, v in self.outputs.items() if k not in self.secret_outputs and k != PROVIDER_KEY}
 
 
 @dataclass
@@ -190,6 +197,7 @@ class _Monitor(pulumi_mocks.MockMonitor):
             "parent": None if top_level else _key_of_urn(request.parent),
             "dependencies": sorted({_key_of_urn(u) for u in request.dependencies}),
             "ignore_changes": list(request.ignoreChanges),
+            "secret_outputs": list(request.additionalSecretOutputs),
         }
         return super().RegisterResource(request)
 
@@ -254,7 +262,9 @@ class LocalEngine(pulumi_mocks.Mocks):
                     inputs[prop] = old.inputs[prop]
                 else:
                     inputs.pop(prop, None)
+        secret = {*options.get("secret_outputs", []), *(k for k, v in inputs.items() if rpc.is_rpc_secret(v))}
         rec = Recorded("", inputs, {}, args.typ, args.name, options.get("parent"), options.get("dependencies", []))
+        rec.secret_outputs = sorted(secret)
         try:
             if args.typ == DYNAMIC:
                 op, rec = self._dynamic(key, rec, old)

@@ -189,6 +189,9 @@ class FleetStep(ResourceProvider):
     secret_inputs: ClassVar[tuple[str, ...]] = ()
     # Top-level inputs whose change means every host needs this step again.
     shared_fields: ClassVar[tuple[str, ...]] = ()
+    # The top-level input with the step before's results per host (`{name: {field: value}}`), merged
+    # into each host's settings when the step acts; it decides nothing (a preview does not know it).
+    upstream: ClassVar[str | None] = None
 
     settings: ProviderSettings | None = None
 
@@ -311,10 +314,13 @@ class FleetStep(ResourceProvider):
             return {}
         deadline = time.monotonic() + float(props.get("deadline_seconds") or 1800)
 
+        before = (props.get(self.upstream) or {}) if self.upstream else {}
+
         async def guarded(name: str) -> tuple[str, dict[str, Any] | None, str | None]:
             ctx = HostContext(name=name, step=self.step, deadline=deadline, old=(olds or {}).get(name))
+            host = {**hosts[name], **(before.get(name) or {})}
             try:
-                result = await asyncio.wait_for(fn(ctx, dict(hosts[name])), timeout=ctx.remaining() + 5)
+                result = await asyncio.wait_for(fn(ctx, host), timeout=ctx.remaining() + 5)
                 return name, result, None
             except TimeoutError:
                 return name, None, f"not done within the step's deadline of {props.get('deadline_seconds')} s"

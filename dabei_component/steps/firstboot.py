@@ -20,6 +20,7 @@ import pulumi
 
 from ..ssh import HostKeyMismatch, SshError, connect, run
 from .base import FleetStep, HostContext, HostError, secret_options
+from .rescue import wants_install
 
 _POLL_SECONDS = 1.0
 _READ_SECONDS = 20.0
@@ -41,6 +42,15 @@ class FirstBootProvider(FleetStep):
     # What the program decides: a (re)installed server or a new flake. What the install step recorded
     # (installed image, rescue boot id) is read, not compared: a preview does not know it yet.
     host_fields = ("server_id", "reinstall", "flake")
+    upstream = "installed"
+
+    def wants_action(self, name: str, old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
+        """A host (re)installed by the install step, a new flake, or drift that a refresh recorded."""
+        if wants_install(old, new):
+            return True
+        assert old is not None
+        return bool(old.get("drift")) or old.get("flake") != new.get("flake")
+
     secret_inputs = ("deploy_private_key",)
 
     async def _connect(
@@ -175,12 +185,14 @@ class FirstBoot(pulumi.dynamic.Resource):
         self,
         name: str,
         hosts: pulumi.Input[dict[str, Any]],
+        installed: pulumi.Input[dict[str, Any]],
         deploy_private_key: pulumi.Input[str],
         deadline_seconds: pulumi.Input[float],
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
         props = {
             "hosts": hosts,
+            "installed": installed,
             "deploy_private_key": deploy_private_key,
             "deadline_seconds": deadline_seconds,
         }

@@ -57,6 +57,7 @@ def seed_document(host: Mapping[str, Any], private_key: str) -> dict[str, Any]:
 class InstallProvider(FleetStep):
     step = "install"
     host_fields = ("server_id", "reinstall")
+    upstream = "rescued"
     secret_inputs = SECRET_INPUTS
 
     def check_inputs(self, news: dict[str, Any]) -> list[CheckFailure]:
@@ -206,15 +207,17 @@ class Install(pulumi.dynamic.Resource):
         self,
         name: str,
         hosts: pulumi.Input[dict[str, Any]],
+        rescued: pulumi.Input[dict[str, Any]],
         image: pulumi.Input[dict[str, Any]],
         rescue_ssh_key_ids: pulumi.Input[list[Any]],
         deploy_private_key: pulumi.Input[str],
-        host_private_keys: pulumi.Input[dict[str, str]],
+        host_private_keys: pulumi.Input[Mapping[str, pulumi.Input[str]]],
         deadline_seconds: pulumi.Input[float],
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
         props = {
             "hosts": hosts,
+            "rescued": rescued,
             "image": image,
             "rescue_ssh_key_ids": rescue_ssh_key_ids,
             "deploy_private_key": deploy_private_key,

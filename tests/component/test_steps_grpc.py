@@ -1,7 +1,8 @@
 """Each step provider through the real dynamic provider server (`python -m pulumi.dynamic`, gRPC).
 
 These calls need no Hetzner API: check, diff, the key steps, the image step with a real `nix build`, and
-what decides whether a host acts (reinstall requests, values not known at preview). The full create paths run in tests/e2e against the simulator.
+what decides whether a host acts (reinstall requests, values not known at preview). The full create paths
+run in tests/e2e against the simulator.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from dabei_component.provider_server import ProviderServer
 from dabei_component.steps.firstboot import FirstBootProvider
 from dabei_component.steps.image import ImageProvider
 from dabei_component.steps.install import InstallProvider
-from dabei_component.steps.keys import SshKeysProvider
+from dabei_component.steps.keys import HostKeyProvider
 from dabei_component.steps.rescue import RescueProvider
 
 URN = "urn:pulumi:test::nix-dabei::pulumi-python:dynamic:Resource::step"
@@ -98,7 +98,7 @@ def host(**overrides: Any) -> dict[str, Any]:
         "server_id": 42,
         "ipv4": "127.0.0.1",
         "image": "/nix/store/0000000000000000000000000000000a-image",
-        "reinstall": "on-image-change",
+        "reinstall": "2026-11-30",
         "disk": "/dev/sda",
         "flake": "github:example/infra",
         "hostname": "web-1",
@@ -183,7 +183,8 @@ BAD_STEP_INPUTS: dict[str, tuple[str, Callable[[dict[str, Any]], None], str, str
     "flake-missing": ("firstboot", drop_host_field("flake"), "hosts.web-1.flake", "required"),
     "disk-injection": ("install", set_host(disk="/dev/sda1; rm -rf /"), "hosts.web-1.disk", "whole-disk device"),
     "disk-relative": ("rescue", set_host(disk="sda"), "hosts.web-1.disk", "whole-disk device"),
-    "reinstall-unknown": ("rescue", set_host(reinstall="sometimes"), "hosts.web-1.reinstall", "on-image-change, never"),
+    "reinstall-old-policy": ("rescue", set_host(reinstall="on-image-change"), "hosts.web-1.reinstall", "is gone"),
+    "reinstall-not-an-id": ("rescue", set_host(reinstall="next week"), "hosts.web-1.reinstall", "request ID"),
     "authorized-keys-empty": ("install", set_host(authorized_keys=[]), "hosts.web-1.authorized_keys", "non-empty list"),
     "authorized-keys-string": (
         "install",
@@ -293,7 +294,13 @@ BAD_OTHER_INPUTS: dict[str, tuple[Callable[[], Any], dict[str, Any], str, str]] 
         "nix_args",
         "list of strings",
     ),
-    "keys-host-names-string": (SshKeysProvider, {"host_names": "web-1"}, "host_names", "list of host names"),
+    "host-key-host-not-a-name": (HostKeyProvider, {"host": "Web 1"}, "host", "not a valid hostname"),
+    "host-key-adopt-not-a-key": (
+        HostKeyProvider,
+        {"host": "web-1", "adopt_private_key": "x"},
+        "adopt_private_key",
+        "private key",
+    ),
 }
 
 

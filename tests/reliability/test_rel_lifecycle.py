@@ -47,7 +47,7 @@ def test_deleting_every_step_twice_succeeds_and_leaves_the_host_alone(
     stack.up(fleet_args(stack.name, ssh_port=sim.ssh_port))
     name = stack.name + "-1"
     steps = {k: r for k, r in stack.state.items() if k.startswith(DYNAMIC)}
-    assert len(steps) == 5  # keys, image, rescue, install, firstboot
+    assert len(steps) == 6  # keys, the host's key, image, rescue, install, firstboot
 
     server = stack.provider()
     mark = sim.api.mark()
@@ -74,7 +74,7 @@ def test_refresh_of_a_host_reinstalled_behind_our_back_reports_drift(
     server = stack.provider()
     try:
         # A refresh of the untouched host: what it runs, no drift.
-        fresh = server.read(urn(key), recorded.id, recorded.outputs)["hosts"][name]
+        fresh = server.read(urn(key), recorded.id, recorded.outputs)[0]["hosts"][name]
         assert fresh["system"] == recorded.outputs["hosts"][name]["system"]
         assert fresh.get("drift") is None
 
@@ -87,7 +87,7 @@ def test_refresh_of_a_host_reinstalled_behind_our_back_reports_drift(
         client = Client(token=sim.token, api_endpoint=sim.endpoint, poll_interval=0.2)
         client.servers.reboot(Server(id=server_id)).wait_until_finished()
 
-        drifted = server.read(urn(key), recorded.id, recorded.outputs)["hosts"][name]
+        drifted = server.read(urn(key), recorded.id, recorded.outputs)[0]["hosts"][name]
     finally:
         server.close()
     assert drifted.get("system") is None

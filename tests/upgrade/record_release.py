@@ -41,7 +41,9 @@ def main() -> int:
         deadlines=Deadlines(rescue=300, install=600, firstboot=600),
         ssh_port=int(a.ssh_port),
     )
-    server = ProviderServer(project="nix-dabei", log_path=work / "release-provider.log", env={"XDG_CACHE_HOME": str(work / "cache")})
+    server = ProviderServer(
+        project="nix-dabei", log_path=work / "release-provider.log", env={"XDG_CACHE_HOME": str(work / "cache")}
+    )
     try:
         server.configure({"hcloud:token": a.token, "hcloud:endpoint": a.endpoint, "nix-dabei:sshPort": a.ssh_port})
         engine = LocalEngine(server=server, hcloud=Client(token=a.token, api_endpoint=a.endpoint, poll_interval=0.2))
