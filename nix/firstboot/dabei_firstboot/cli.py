@@ -202,7 +202,7 @@ def cmd_network(config: Config, log: Log) -> int:
         write_json(config.path(RUNTIME_INSTANCE_DATA), data)
         # Runs before networkd starts, which then reads the file itself.
         log(f"network: {apply_network(config, data, reload=False)} for {data['mac_address']}")
-    except (OSError, ValueError, KeyError, NetworkError) as exc:
+    except (OSError, ValueError, KeyError, NetworkError, MetadataError) as exc:
         log(f"network configuration from {persisted} failed: {exc}")
         return 1
     return 0
