@@ -161,6 +161,45 @@ def test_metadata_without_network_config_fails_clearly(
     assert run_cli(config, "seed").returncode == 0
     assert run_cli(config, "firstboot").returncode == 1
     assert "network-config" in status_of(tmp_path / "root")["last_error"]
+    assert metadata_server.requests == 1  # a well-formed answer is not an outage: not asked again
+
+
+def test_server_without_public_network_fails_at_once(
+    tmp_path: Path, metadata_server: MetadataServer, seed_disk: Path, seed_doc: dict[str, Any]
+) -> None:
+    metadata_server.document = {"hostname": "private-only", "network-config": {"version": 1, "config": []}}
+    seedlib.write_seed(seed_disk, seed_doc)
+    config = setup_host(tmp_path, metadata_server, seed_disk, metadata_retries=5, metadata_backoff_seconds=2)
+    assert run_cli(config, "seed").returncode == 0
+    result = run_cli(config, "firstboot", timeout=60)
+    assert result.returncode == 1
+    status = status_of(tmp_path / "root")
+    assert status["phase"] == "failed"
+    assert "'network-config.config': lists no network interface" in status["last_error"]
+    assert metadata_server.requests == 1
+    assert (tmp_path / "root/var/lib/nix-dabei/pending").exists()
+
+
+def test_gateway_with_zone_gets_a_default_route(
+    tmp_path: Path, metadata_server: MetadataServer, seed_disk: Path, seed_doc: dict[str, Any]
+) -> None:
+    """The older layout with `gateway: fe80::1%enp1s0` (networkd ignores a Gateway= with a zone)."""
+    meta = older_layout()
+    meta["hostname"] = "web-2.example.com"
+    meta["network-config"]["config"][1]["subnets"][0]["routes"][0]["gateway"] = "fe80::1%enp1s0"
+    metadata_server.document = meta
+    seedlib.write_seed(seed_disk, seed_doc)
+    config = setup_host(tmp_path, metadata_server, seed_disk)
+    assert run_cli(config, "seed").returncode == 0
+    result = run_cli(config, "firstboot")
+    assert result.returncode == 0, result.stderr
+    root = tmp_path / "root"
+    network = (root / "run/systemd/network/10-nix-dabei-uplink.network").read_text()
+    assert "\nGateway=fe80::1\n" in network and "%" not in network
+    data = json.loads((root / "var/lib/nix-dabei/instance-data.json").read_text())
+    assert (data["hostname"], data["host_name"], data["domain"]) == ("web-2.example.com", "web-2", "example.com")
+    # The flake attribute is the server's full name, as named in nixosConfigurations.
+    assert (root / "run/current-system").resolve().name == "abc-nixos-system-web-2.example.com"
 
 
 def test_rebuild_fails_twice_then_succeeds(
