@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from dabei_firstboot import seed as seedlib
 
-from .conftest import MetadataServer, older_layout, run_cli, write_config, write_fake_rebuild
+from .conftest import PROJECT, MetadataServer, older_layout, run_cli, write_config, write_fake_rebuild
 
 
 def setup_host(tmp_path: Path, server: MetadataServer, disk: Path, failures: int = 0, **config: Any) -> Path:
@@ -38,11 +43,15 @@ def test_seed_then_firstboot_converges(
 
     seeded = run_cli(config, "seed")
     assert seeded.returncode == 0, seeded.stderr
-    key = root / "etc/ssh/ssh_host_ed25519_key"
+    key = root / "var/lib/nix-dabei/ssh/ssh_host_ed25519_key"
     assert key.read_text().strip() == seed_doc["host_key"]["private"].strip()
     assert key.stat().st_mode & 0o777 == 0o600
-    assert (root / "etc/ssh/ssh_host_ed25519_key.pub").read_text().strip() == seed_doc["host_key"]["public"]
-    assert (root / "root/.ssh/authorized_keys").read_text().splitlines() == seed_doc["authorized_keys"]
+    assert (root / "var/lib/nix-dabei/ssh/ssh_host_ed25519_key.pub").read_text().strip() == seed_doc["host_key"][
+        "public"
+    ]
+    keys = root / "var/lib/nix-dabei/ssh/authorized_keys.d/root"
+    assert keys.read_text().splitlines() == seed_doc["authorized_keys"]
+    assert keys.stat().st_mode & 0o777 == 0o600
     assert (root / "var/lib/nix-dabei/flake").read_text().strip() == "github:example/hosts"
     assert (root / "var/lib/nix-dabei/pending").exists()
     assert status_of(root)["phase"] == "seed"
@@ -303,3 +312,61 @@ def test_bad_config_is_named(tmp_path: Path) -> None:
     config.write_text(json.dumps({"rebuild_comand": ["x"]}))
     result = run_cli(config, "status")
     assert result.returncode == 2 and "unknown configuration keys ['rebuild_comand']" in result.stderr
+
+
+def test_seed_read_survives_a_torn_partition_table(
+    tmp_path: Path, metadata_server: MetadataServer, seed_disk: Path, seed_doc: dict[str, Any]
+) -> None:
+    """A GPT read while another writer rewrites it (its CRC does not match for a moment) is read again."""
+    seedlib.write_seed(seed_disk, seed_doc)
+    config = setup_host(tmp_path, metadata_server, seed_disk)
+    with open(seed_disk, "r+b") as handle:
+        handle.seek(512)
+        header = handle.read(92)
+        handle.seek(512 + 40)
+        handle.write(b"\xff")  # the header's CRC no longer matches
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dabei_firstboot", "--config", str(config), "seed"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(PROJECT / "nix" / "firstboot")),
+    )
+    time.sleep(1.2)
+    with open(seed_disk, "r+b") as handle:
+        handle.seek(512)
+        handle.write(header)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert "checksum mismatch" in stderr and "trying again" in stderr
+    assert (tmp_path / "root/var/lib/nix-dabei/pending").exists()
+
+
+def test_failed_wipe_is_done_on_the_next_boot(
+    tmp_path: Path, metadata_server: MetadataServer, seed_disk: Path, seed_doc: dict[str, Any]
+) -> None:
+    """The seed is applied and recorded, the wipe fails (read-only device): the next boot finds the same
+    seed, only wipes it, and does not start another first boot."""
+    seedlib.write_seed(seed_disk, seed_doc)
+    readonly = subprocess.run(
+        ["losetup", "--read-only", "-f", "--show", str(seed_disk)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        config = setup_host(tmp_path, metadata_server, seed_disk)
+        config.write_text(json.dumps(json.loads(config.read_text()) | {"seed_device": readonly}))
+        first = run_cli(config, "seed")
+    finally:
+        subprocess.run(["losetup", "-d", readonly], check=True)
+    root = tmp_path / "root"
+    assert first.returncode == 1
+    assert "wiping the seed failed (the next boot tries again)" in first.stderr
+    assert (root / "var/lib/nix-dabei/ssh/ssh_host_ed25519_key").exists()
+    assert seedlib.read_seed(seed_disk) == seed_doc  # the private key is still on the disk
+    (root / "var/lib/nix-dabei/pending").unlink()  # the first boot converged meanwhile
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"seed_device": str(seed_disk)}))
+    second = run_cli(config, "seed")
+    assert second.returncode == 0, second.stderr
+    assert "applied before but not wiped; wiping it now" in second.stderr
+    with pytest.raises(seedlib.SeedEmpty):
+        seedlib.read_seed(seed_disk)
+    assert not (root / "var/lib/nix-dabei/pending").exists()

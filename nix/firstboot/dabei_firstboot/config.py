@@ -23,8 +23,12 @@ PERSISTENT_INSTANCE_DATA = f"{STATE_DIR}/instance-data.json"
 RUNTIME_INSTANCE_DATA = "run/nix-dabei/instance-data.json"
 LOG_FILE = "var/log/nix-dabei/firstboot.log"
 CURRENT_SYSTEM = "run/current-system"
-SSH_DIR = "etc/ssh"
-ROOT_AUTHORIZED_KEYS = "root/.ssh/authorized_keys"
+# The host's identity lives on the persistent dataset (safe/var), not on local/root, so rolling the root
+# dataset back to its blank snapshot keeps the host key and root's keys (sshd is pointed here by
+# nix/modules/firstboot.nix).
+SSH_DIR = f"{STATE_DIR}/ssh"
+HOST_KEY = f"{SSH_DIR}/ssh_host_ed25519_key"
+ROOT_AUTHORIZED_KEYS = f"{SSH_DIR}/authorized_keys.d/root"
 NETWORKD_FILE = "run/systemd/network/10-nix-dabei-uplink.network"
 
 
