@@ -370,3 +370,67 @@ def test_failed_wipe_is_done_on_the_next_boot(
     with pytest.raises(seedlib.SeedEmpty):
         seedlib.read_seed(seed_disk)
     assert not (root / "var/lib/nix-dabei/pending").exists()
+
+
+def _exit4_rebuild(path: Path, root: Path, code: int, message: str) -> Path:
+    """A rebuild that switches (links run/current-system) and then reports failed units like
+    switch-to-configuration does, exiting ``code``."""
+    path.write_text(
+        f"""#!/bin/sh
+mkdir -p "{root}/run" "{root}/nix/store/abc-nixos-system-$2"
+ln -sfn "{root}/nix/store/abc-nixos-system-$2" "{root}/run/current-system"
+echo "warning: the following units failed: nginx.service, acme-example.service" >&2
+echo "{message}" >&2
+exit {code}
+"""
+    )
+    path.chmod(0o755)
+    return path
+
+
+def test_switch_with_failed_units_converges_naming_them(
+    tmp_path: Path, metadata_server: MetadataServer, seed_disk: Path, seed_doc: dict[str, Any]
+) -> None:
+    """Exit 4 of switch-to-configuration (passed on by the Bash nixos-rebuild, reported by nixos-rebuild-ng
+    as exit 1 with its message) means switched with failed units: converged, not retried."""
+    for code, message in [
+        (4, ""),
+        (1, "Command 'systemd-run --unit=nixos-rebuild-switch-to-configuration /nix/store/x/bin/"
+            "switch-to-configuration switch' returned non-zero exit status 4."),
+    ]:  # fmt: skip
+        case = tmp_path / f"exit{code}"
+        case.mkdir()
+        seedlib.write_seed(seed_disk, seed_doc)
+        config = setup_host(case, metadata_server, seed_disk)
+        root = case / "root"
+        rebuild = _exit4_rebuild(case / "rebuild", root, code, message)
+        config.write_text(
+            json.dumps(json.loads(config.read_text()) | {"rebuild_command": [str(rebuild), "{flake}", "{hostname}"]})
+        )
+        assert run_cli(config, "seed").returncode == 0
+        result = run_cli(config, "firstboot")
+        assert result.returncode == 0, result.stderr
+        status = status_of(root)
+        assert status["phase"] == "converged" and status["attempt"] == 1
+        assert status["failed_units"] == ["nginx.service", "acme-example.service"]
+        assert status["system"].endswith("abc-nixos-system-installer-test")
+        assert not (root / "var/lib/nix-dabei/pending").exists()
+
+
+def test_other_failures_are_still_retried(
+    tmp_path: Path, metadata_server: MetadataServer, seed_disk: Path, seed_doc: dict[str, Any]
+) -> None:
+    """Exit 1 without the exit-4 message is a failed rebuild; before every attempt the program waits for a
+    switch an earlier attempt may have left running (switch_wait_command)."""
+    seedlib.write_seed(seed_disk, seed_doc)
+    config = setup_host(tmp_path, metadata_server, seed_disk, failures=1000)
+    waits = tmp_path / "waits"
+    wait = tmp_path / "wait"
+    wait.write_text(f"#!/bin/sh\necho waited >> {waits}\n")
+    wait.chmod(0o755)
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"switch_wait_command": [str(wait)]}))
+    assert run_cli(config, "seed").returncode == 0
+    assert run_cli(config, "firstboot", timeout=60).returncode == 1
+    status = status_of(tmp_path / "root")
+    assert status["phase"] == "failed" and status["attempt"] == 3 and status["failed_units"] == []
+    assert waits.read_text().splitlines() == ["waited"] * 3

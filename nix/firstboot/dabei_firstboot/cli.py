@@ -227,12 +227,12 @@ def _converge_locked(config: Config, log: Log, fetch: bool) -> int:
             data = json.loads(persisted.read_text(encoding="utf-8"))
         status.update(phase="network", hostname=data["hostname"], flake=flake)
         log(f"network: {apply_network(config, data)} for {data['mac_address']}")
-        system = run_rebuild(config, flake, data["hostname"], status, log)
+        system, failed_units = run_rebuild(config, flake, data["hostname"], status, log)
     except (MetadataError, NetworkError, RebuildError, OSError, ValueError, KeyError) as exc:
         status.fail(str(exc))
         log(f"failed: {exc}")
         return 1
-    status.update(phase="converged", system=system, last_error=None)
+    status.update(phase="converged", system=system, last_error=None, failed_units=failed_units)
     config.path(PENDING_MARKER).unlink(missing_ok=True)
     log(f"converged: {system}")
     return 0

@@ -52,6 +52,7 @@ class Config:
     boot_id_path: Path = Path("/proc/sys/kernel/random/boot_id")
     journal_command: tuple[str, ...] | None = None
     network_reload_command: tuple[str, ...] | None = ("networkctl", "reload")
+    switch_wait_command: tuple[str, ...] | None = None
     source: str = field(default="(defaults)", compare=False)
 
     def path(self, relative: str) -> Path:
@@ -67,8 +68,8 @@ _FLOAT_KEYS = {
     "rebuild_backoff_seconds",
     "rebuild_timeout_seconds",
 }
-_ARGV_KEYS = {"rebuild_command", "journal_command", "network_reload_command"}
-_NULLABLE_ARGV_KEYS = {"journal_command", "network_reload_command"}
+_ARGV_KEYS = {"rebuild_command", "journal_command", "network_reload_command", "switch_wait_command"}
+_NULLABLE_ARGV_KEYS = {"journal_command", "network_reload_command", "switch_wait_command"}
 
 
 def _argv(key: str, value: Any, source: str) -> tuple[str, ...] | None:
