@@ -434,3 +434,22 @@ def test_other_failures_are_still_retried(
     status = status_of(tmp_path / "root")
     assert status["phase"] == "failed" and status["attempt"] == 3 and status["failed_units"] == []
     assert waits.read_text().splitlines() == ["waited"] * 3
+
+
+def test_later_boot_without_a_seed_partition_keeps_the_status(
+    tmp_path: Path, metadata_server: MetadataServer, seed_disk: Path, seed_doc: dict[str, Any]
+) -> None:
+    """The seed unit runs every boot: once a seed was applied, a disk without the seed partition (or one
+    that cannot be read) is nothing to do, and does not turn a converged host's status into failed."""
+    seedlib.write_seed(seed_disk, seed_doc)
+    config = setup_host(tmp_path, metadata_server, seed_disk)
+    assert run_cli(config, "seed").returncode == 0
+    assert run_cli(config, "firstboot").returncode == 0
+    plain = tmp_path / "plain.img"
+    plain.write_bytes(bytes(1024 * 1024))
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"seed_device": str(plain)}))
+    result = run_cli(config, "seed")
+    assert result.returncode == 0, result.stderr
+    assert "no seed partition to check" in result.stderr
+    assert "trying again" not in result.stderr  # read once, not retried as on the first boot
+    assert status_of(tmp_path / "root")["phase"] == "converged"

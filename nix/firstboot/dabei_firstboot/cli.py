@@ -77,18 +77,18 @@ SEED_READ_PAUSE_SECONDS = 0.5
 SEED_WIPE_ATTEMPTS = 3
 
 
-def _read_seed(config: Config, log: Log) -> tuple[str, dict[str, Any]]:
-    """Find and decode the seed; SeedEmpty at once, other SeedErrors after SEED_READ_ATTEMPTS tries."""
-    for attempt in range(1, SEED_READ_ATTEMPTS + 1):
+def _read_seed(config: Config, log: Log, attempts: int) -> tuple[str, dict[str, Any]]:
+    """Find and decode the seed; SeedEmpty at once, other SeedErrors after ``attempts`` tries."""
+    for attempt in range(1, attempts + 1):
         try:
             device = find_seed_device(config)
             return device, seedlib.read_seed(device)
         except seedlib.SeedEmpty:
             raise
         except seedlib.SeedError as exc:
-            if attempt == SEED_READ_ATTEMPTS:
+            if attempt == attempts:
                 raise
-            log(f"reading the seed failed (attempt {attempt}/{SEED_READ_ATTEMPTS}), trying again: {exc}")
+            log(f"reading the seed failed (attempt {attempt}/{attempts}), trying again: {exc}")
             time.sleep(SEED_READ_PAUSE_SECONDS)
     raise AssertionError("unreachable")
 
@@ -118,14 +118,20 @@ def cmd_seed(config: Config, log: Log) -> int:
     wiped; a seed already recorded (an earlier wipe failed or was cut off) is only wiped; an empty
     partition with a record is success."""
     record_path = config.path(SEED_RECORD)
+    applied = record_path.exists()
     try:
-        device, doc = _read_seed(config, log)
+        # Later boots read once: the partition table is only rewritten on the first boot (growing).
+        device, doc = _read_seed(config, log, 1 if applied else SEED_READ_ATTEMPTS)
     except seedlib.SeedEmpty:
-        if record_path.exists():
+        if applied:
             log("seed already applied; the seed partition is empty")
             return 0
         return _fail_seed(config, log, "the seed partition is empty and no seed was ever applied")
     except seedlib.SeedError as exc:
+        if applied:
+            # Nothing to apply on this boot; the status of the first boot stays as it is.
+            log(f"seed already applied; no seed partition to check: {exc}")
+            return 0
         return _fail_seed(config, log, f"cannot read the seed: {exc}")
     fingerprint = seedlib.seed_fingerprint(doc)
     if _read_record(record_path).get("fingerprint") == fingerprint:
