@@ -47,6 +47,10 @@ def test_flake_lock_pins_nixpkgs() -> None:
     node = lock["nodes"]["nixpkgs"]["locked"]
     assert len(node["rev"]) == 40 and node["narHash"].startswith("sha256-")
     assert lock["nodes"]["root"]["inputs"] == {"nixpkgs": "nixpkgs"}
+    # The lock follows the branch flake.nix names, and nix/README.md states it as the supported release.
+    ref = lock["nodes"]["nixpkgs"]["original"]["ref"]
+    assert f'inputs.nixpkgs.url = "github:NixOS/nixpkgs/{ref}";' in (PROJECT / "nix" / "flake.nix").read_text()
+    assert f"**{ref}**" in (PROJECT / "nix" / "README.md").read_text()
 
 
 def test_instance_data_current_layout() -> None:
