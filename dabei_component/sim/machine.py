@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncssh
+from dabei_firstboot.config import HOST_KEY, ROOT_AUTHORIZED_KEYS
 from dabei_firstboot.seed import SeedError, find_seed_partition, read_seed
 
 from .client import free_port
@@ -393,7 +394,7 @@ class InstalledNixosHook:
 
     async def __call__(self, machine: Machine) -> None:
         disk, root = machine.disk_path, machine.rootfs
-        host_key = root / "etc/ssh/ssh_host_ed25519_key"
+        host_key = root / HOST_KEY
         has_seed_partition = _has_seed_partition(disk)
         if not has_seed_partition and not host_key.exists():
             raise RuntimeError("no bootable system on the disk (no dabei-seed partition, nothing installed)")
@@ -418,7 +419,7 @@ class InstalledNixosHook:
         await machine.start_installed_sshd(
             hostname=machine.spec.name,
             host_key=host_key,
-            authorized_keys=root / "root/.ssh/authorized_keys",
+            authorized_keys=root / ROOT_AUTHORIZED_KEYS,
             set_env=env,
         )
         await machine.spawn("firstboot", ["nix-dabei", "firstboot"], hostname=machine.spec.name, env=env)

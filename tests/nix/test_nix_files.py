@@ -47,6 +47,10 @@ def test_flake_lock_pins_nixpkgs() -> None:
     node = lock["nodes"]["nixpkgs"]["locked"]
     assert len(node["rev"]) == 40 and node["narHash"].startswith("sha256-")
     assert lock["nodes"]["root"]["inputs"] == {"nixpkgs": "nixpkgs"}
+    # The lock follows the branch flake.nix names, and nix/README.md states it as the supported release.
+    ref = lock["nodes"]["nixpkgs"]["original"]["ref"]
+    assert f'inputs.nixpkgs.url = "github:NixOS/nixpkgs/{ref}";' in (PROJECT / "nix" / "flake.nix").read_text()
+    assert f"**{ref}**" in (PROJECT / "nix" / "README.md").read_text()
 
 
 def test_instance_data_current_layout() -> None:
@@ -74,7 +78,7 @@ def test_instance_data_older_layout_and_networkd(tmp_path: Path) -> None:
     assert data["ipv6"]["gateway"] == "fe80::1"  # from the default route
     network = nix_eval(f"let l = import {INSTANCE_LIB}; in l.networkdNetwork (l.fromFile {path})")
     assert network == {
-        "matchConfig": {"MACAddress": "96:00:00:2b:1c:9e"},
+        "matchConfig": {"PermanentMACAddress": "96:00:00:2b:1c:9e"},
         "networkConfig": {"DHCP": "ipv4", "IPv6AcceptRA": False},
         "address": ["2a01:4f9:c010:8a3c::1/64"],
         "dns": ["2a01:4ff:ff00::add:1", "2a01:4ff:ff00::add:2"],
@@ -105,7 +109,7 @@ def test_instance_data_errors_are_clear(tmp_path: Path) -> None:
         text=True,
         check=False,
     )
-    assert result.returncode != 0 and "no mac_address" in result.stderr
+    assert result.returncode != 0 and "has no public IPv4 (dhcp) or IPv6 (static) subnet" in result.stderr
 
 
 def test_fixture_image_builds(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dabei_firstboot.config import HOST_KEY
 from hcloud import Client
 from hcloud.servers import Server
 from relhelpers import DYNAMIC, SimThread, Stack, fleet_args
@@ -80,7 +81,7 @@ def test_refresh_of_a_host_reinstalled_behind_our_back_reports_drift(
 
         # Someone reinstalls the server: it comes back with another host key.
         server_id = int(recorded.outputs["hosts"][name]["server_id"])
-        host_key = Path(sim.server(server_id)["machine"]["rootfs"]) / "etc/ssh/ssh_host_ed25519_key"
+        host_key = Path(sim.server(server_id)["machine"]["rootfs"]) / HOST_KEY
         other = generate_ssh_keypair()
         host_key.write_text(other.private_openssh)
         os.chmod(host_key, 0o600)

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,12 +17,12 @@ from typing import Any
 from . import seed as seedlib
 from .config import (
     FLAKE_FILE,
+    HOST_KEY,
     PENDING_MARKER,
     PERSISTENT_INSTANCE_DATA,
     ROOT_AUTHORIZED_KEYS,
     RUNTIME_INSTANCE_DATA,
     SEED_RECORD,
-    SSH_DIR,
     STATE_DIR,
     Config,
     ConfigError,
@@ -70,37 +71,90 @@ def find_seed_device(config: Config) -> str:
     return found[0]
 
 
-def _merge_authorized_keys(path: Path, keys: list[str]) -> None:
-    existing = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
-    merged = list(dict.fromkeys(line.strip() for line in [*existing, *keys] if line.strip()))
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path.parent, 0o700)
-    write_atomic(path, ("\n".join(merged) + "\n").encode(), mode=0o600)
+# A torn read of the GPT (another unit rewriting it, the kernel re-reading it) is retried for this long.
+SEED_READ_ATTEMPTS = 10
+SEED_READ_PAUSE_SECONDS = 0.5
+SEED_WIPE_ATTEMPTS = 3
+
+
+def _read_seed(config: Config, log: Log, attempts: int) -> tuple[str, dict[str, Any]]:
+    """Find and decode the seed; SeedEmpty at once, other SeedErrors after ``attempts`` tries."""
+    for attempt in range(1, attempts + 1):
+        try:
+            device = find_seed_device(config)
+            return device, seedlib.read_seed(device)
+        except seedlib.SeedEmpty:
+            raise
+        except seedlib.SeedError as exc:
+            if attempt == attempts:
+                raise
+            log(f"reading the seed failed (attempt {attempt}/{attempts}), trying again: {exc}")
+            time.sleep(SEED_READ_PAUSE_SECONDS)
+    raise AssertionError("unreachable")
+
+
+def _wipe(device: str, log: Log) -> None:
+    for attempt in range(1, SEED_WIPE_ATTEMPTS + 1):
+        try:
+            seedlib.wipe_seed(device)
+            return
+        except seedlib.SeedError as exc:
+            if attempt == SEED_WIPE_ATTEMPTS:
+                raise
+            log(f"wiping the seed failed (attempt {attempt}/{SEED_WIPE_ATTEMPTS}), trying again: {exc}")
+            time.sleep(SEED_READ_PAUSE_SECONDS)
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def cmd_seed(config: Config, log: Log) -> int:
+    """Runs on every boot and decides by the partition's content: a new seed is applied, recorded and
+    wiped; a seed already recorded (an earlier wipe failed or was cut off) is only wiped; an empty
+    partition with a record is success."""
     record_path = config.path(SEED_RECORD)
+    applied = record_path.exists()
     try:
-        device = find_seed_device(config)
-        doc = seedlib.read_seed(device)
+        # Later boots read once: the partition table is only rewritten on the first boot (growing).
+        device, doc = _read_seed(config, log, 1 if applied else SEED_READ_ATTEMPTS)
     except seedlib.SeedEmpty:
-        if record_path.exists():
+        if applied:
             log("seed already applied; the seed partition is empty")
             return 0
         return _fail_seed(config, log, "the seed partition is empty and no seed was ever applied")
     except seedlib.SeedError as exc:
+        if applied:
+            # Nothing to apply on this boot; the status of the first boot stays as it is.
+            log(f"seed already applied; no seed partition to check: {exc}")
+            return 0
         return _fail_seed(config, log, f"cannot read the seed: {exc}")
+    fingerprint = seedlib.seed_fingerprint(doc)
+    if _read_record(record_path).get("fingerprint") == fingerprint:
+        log(f"the seed on {device} was applied before but not wiped; wiping it now")
+        try:
+            _wipe(device, log)
+        except seedlib.SeedError as exc:
+            return _fail_seed(config, log, f"wiping the applied seed failed (the next boot tries again): {exc}")
+        return 0
     status = StatusRecorder(config, "seed")
     try:
-        ssh = config.path(SSH_DIR)
         key = doc["host_key"]
-        write_atomic(ssh / "ssh_host_ed25519_key", (key["private"].strip() + "\n").encode(), mode=0o600)
-        write_atomic(ssh / "ssh_host_ed25519_key.pub", (key["public"].strip() + "\n").encode(), mode=0o644)
-        _merge_authorized_keys(config.path(ROOT_AUTHORIZED_KEYS), doc["authorized_keys"])
+        write_atomic(config.path(HOST_KEY), (key["private"].strip() + "\n").encode(), mode=0o600)
+        write_atomic(config.path(f"{HOST_KEY}.pub"), (key["public"].strip() + "\n").encode(), mode=0o644)
+        # The seed is the authority for root's keys: exactly its list (keys from the configuration are
+        # in /etc/ssh/authorized_keys.d, written by NixOS).
+        keys = "".join(line.strip() + "\n" for line in doc["authorized_keys"])
+        write_atomic(config.path(ROOT_AUTHORIZED_KEYS), keys.encode(), mode=0o600)
         write_atomic(config.path(FLAKE_FILE), (doc["flake"] + "\n").encode())
         record = {
             "applied_at": now(),
             "device": device,
+            "fingerprint": fingerprint,
             "flake": doc["flake"],
             "hostname": doc.get("hostname"),
             "host_key_public": key["public"].strip(),
@@ -109,13 +163,18 @@ def cmd_seed(config: Config, log: Log) -> int:
         }
         write_json(record_path, record)
         config.path(PENDING_MARKER).touch()
-        seedlib.wipe_seed(device)
-    except (OSError, seedlib.SeedError) as exc:
+    except OSError as exc:
         status.fail(f"applying the seed failed: {exc}")
         log(f"applying the seed failed: {exc}")
         return 1
     status.update(flake=doc["flake"], hostname=doc.get("hostname"))
     log(f"seed applied from {device}: host key, {len(doc['authorized_keys'])} authorized key(s), flake")
+    try:
+        _wipe(device, log)
+    except seedlib.SeedError as exc:
+        # Applied and recorded: the first boot goes on; the next boot finds the seed again and wipes it.
+        log(f"wiping the seed failed (the next boot tries again): {exc}")
+        return 1
     return 0
 
 
@@ -174,12 +233,12 @@ def _converge_locked(config: Config, log: Log, fetch: bool) -> int:
             data = json.loads(persisted.read_text(encoding="utf-8"))
         status.update(phase="network", hostname=data["hostname"], flake=flake)
         log(f"network: {apply_network(config, data)} for {data['mac_address']}")
-        system = run_rebuild(config, flake, data["hostname"], status, log)
+        system, failed_units = run_rebuild(config, flake, data["hostname"], status, log)
     except (MetadataError, NetworkError, RebuildError, OSError, ValueError, KeyError) as exc:
         status.fail(str(exc))
         log(f"failed: {exc}")
         return 1
-    status.update(phase="converged", system=system, last_error=None)
+    status.update(phase="converged", system=system, last_error=None, failed_units=failed_units)
     config.path(PENDING_MARKER).unlink(missing_ok=True)
     log(f"converged: {system}")
     return 0
@@ -202,7 +261,7 @@ def cmd_network(config: Config, log: Log) -> int:
         write_json(config.path(RUNTIME_INSTANCE_DATA), data)
         # Runs before networkd starts, which then reads the file itself.
         log(f"network: {apply_network(config, data, reload=False)} for {data['mac_address']}")
-    except (OSError, ValueError, KeyError, NetworkError) as exc:
+    except (OSError, ValueError, KeyError, NetworkError, MetadataError) as exc:
         log(f"network configuration from {persisted} failed: {exc}")
         return 1
     return 0

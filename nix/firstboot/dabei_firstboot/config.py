@@ -23,8 +23,12 @@ PERSISTENT_INSTANCE_DATA = f"{STATE_DIR}/instance-data.json"
 RUNTIME_INSTANCE_DATA = "run/nix-dabei/instance-data.json"
 LOG_FILE = "var/log/nix-dabei/firstboot.log"
 CURRENT_SYSTEM = "run/current-system"
-SSH_DIR = "etc/ssh"
-ROOT_AUTHORIZED_KEYS = "root/.ssh/authorized_keys"
+# The host's identity lives on the persistent dataset (safe/var), not on local/root, so rolling the root
+# dataset back to its blank snapshot keeps the host key and root's keys (sshd is pointed here by
+# nix/modules/firstboot.nix).
+SSH_DIR = f"{STATE_DIR}/ssh"
+HOST_KEY = f"{SSH_DIR}/ssh_host_ed25519_key"
+ROOT_AUTHORIZED_KEYS = f"{SSH_DIR}/authorized_keys.d/root"
 NETWORKD_FILE = "run/systemd/network/10-nix-dabei-uplink.network"
 
 
@@ -48,6 +52,7 @@ class Config:
     boot_id_path: Path = Path("/proc/sys/kernel/random/boot_id")
     journal_command: tuple[str, ...] | None = None
     network_reload_command: tuple[str, ...] | None = ("networkctl", "reload")
+    switch_wait_command: tuple[str, ...] | None = None
     source: str = field(default="(defaults)", compare=False)
 
     def path(self, relative: str) -> Path:
@@ -63,8 +68,8 @@ _FLOAT_KEYS = {
     "rebuild_backoff_seconds",
     "rebuild_timeout_seconds",
 }
-_ARGV_KEYS = {"rebuild_command", "journal_command", "network_reload_command"}
-_NULLABLE_ARGV_KEYS = {"journal_command", "network_reload_command"}
+_ARGV_KEYS = {"rebuild_command", "journal_command", "network_reload_command", "switch_wait_command"}
+_NULLABLE_ARGV_KEYS = {"journal_command", "network_reload_command", "switch_wait_command"}
 
 
 def _argv(key: str, value: Any, source: str) -> tuple[str, ...] | None:

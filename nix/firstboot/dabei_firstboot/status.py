@@ -75,6 +75,8 @@ class StatusRecorder:
             "updated_at": stamp,
             "finished_at": None,
             "last_error": None,
+            # Units a converged switch reported as failed (it exited 4: switched, some units failed).
+            "failed_units": [],
             # What a previous run learned stays until this run learns better.
             "system": previous.get("system"),
             "flake": previous.get("flake"),
