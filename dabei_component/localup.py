@@ -187,9 +187,10 @@ class _Monitor(pulumi_mocks.MockMonitor):
     """The mock monitor, also telling the engine what `MockResourceArgs` leaves out: parent, dependencies
     and `ignore_changes` of each registration."""
 
-    def __init__(self, engine: LocalEngine) -> None:
+    def __init__(self, engine: LocalEngine, run: int) -> None:
         super().__init__(engine)
         self._engine = engine
+        self._run = run
 
     def RegisterResource(self, request: Any) -> Any:
         top_level = not request.parent or "pulumi:pulumi:Stack" in request.parent
@@ -198,6 +199,7 @@ class _Monitor(pulumi_mocks.MockMonitor):
             "dependencies": sorted({_key_of_urn(u) for u in request.dependencies}),
             "ignore_changes": list(request.ignoreChanges),
             "secret_outputs": list(request.additionalSecretOutputs),
+            "run": self._run,
         }
         return super().RegisterResource(request)
 
@@ -220,6 +222,9 @@ class LocalEngine(pulumi_mocks.Mocks):
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._inflight = 0  # registrations being carried out
+        self._run_id = 0
         self._options = threading.local()
         self._preview = False
         self._plan = Plan()
@@ -252,7 +257,21 @@ class LocalEngine(pulumi_mocks.Mocks):
         key = f"{args.typ}::{args.name}"
         options = getattr(self._options, "value", None) or {}
         with self._lock:
+            if options.get("run") != self._run_id:
+                # A registration of an earlier program that failed while it was still running.
+                raise UpFailed(f"{args.name}: registration of an earlier run, not carried out")
             self._registered.add(key)
+            self._inflight += 1
+        try:
+            return self._register(key, args, options)
+        finally:
+            with self._lock:
+                self._inflight -= 1
+                self._idle.notify_all()
+
+    def _register(
+        self, key: str, args: pulumi_mocks.MockResourceArgs, options: Mapping[str, Any]
+    ) -> tuple[str | None, dict[str, Any]]:
         old = self._working.get(key)
         inputs = dict(args.inputs)
         if old is not None:
@@ -523,6 +542,8 @@ class LocalEngine(pulumi_mocks.Mocks):
 
     @contextlib.contextmanager
     def _run(self, preview: bool) -> Iterator[None]:
+        with self._lock:
+            self._run_id += 1
         self._preview = preview
         self._plan = Plan()
         self._registered = set()
@@ -540,7 +561,8 @@ class LocalEngine(pulumi_mocks.Mocks):
         executor = ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="register")
         loop.set_default_executor(executor)
         asyncio.set_event_loop(loop)
-        pulumi.runtime.set_mocks(self, project=self.project, stack=self.stack, preview=preview, monitor=_Monitor(self))
+        monitor = _Monitor(self, self._run_id)
+        pulumi.runtime.set_mocks(self, project=self.project, stack=self.stack, preview=preview, monitor=monitor)
         result: dict[str, Any] = {}
 
         @pulumi.runtime.test
@@ -555,6 +577,10 @@ class LocalEngine(pulumi_mocks.Mocks):
             raise UpFailed(detail) from None
         finally:
             executor.shutdown(wait=False)
+            # Like the engine, end a run only when no step is in flight any more (a failed registration
+            # makes the SDK return while others are still being carried out).
+            with self._lock:
+                self._idle.wait_for(lambda: self._inflight == 0)
         if self.errors:
             raise UpFailed("\n".join(self.errors))
         return result.get("value")

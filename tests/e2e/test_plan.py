@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dabei_firstboot.config import HOST_KEY
 from hcloud import Client
 
 from dabei_component.component import FleetArgs
@@ -208,7 +209,7 @@ def _break(control: ControlClient, server_id: Any, how: str) -> None:
 def test_refresh_shows_drift_and_the_next_up_repairs_it(
     engine: LocalEngine, sim: SimHandle, control: ControlClient, how: str
 ) -> None:
-    name = f"d{how[0]}"
+    name = {"failed": "dfail", "system": "dsys"}[how]
     args = fleet(sim, name)
     up(engine, args, name)
     host = f"{name}-1"
@@ -239,7 +240,7 @@ def test_refresh_of_a_host_with_another_key_shows_drift_and_up_refuses_it(
     up(engine, args, "dk")
     server_id = step_hosts(engine, "dk", "firstboot")["dk-1"]["server_id"]
     # Reinstalled behind the component's back: the host presents another key from its next boot on.
-    key = rootfs(control, server_id) / "etc/ssh/ssh_host_ed25519_key"
+    key = rootfs(control, server_id) / HOST_KEY
     key.write_text(generate_ssh_keypair().private_openssh)
     Client(token=sim.token, api_endpoint=sim.endpoint, poll_interval=0.2).servers.reboot(
         Client(token=sim.token, api_endpoint=sim.endpoint).servers.get_by_id(int(server_id))
@@ -252,15 +253,15 @@ def test_refresh_of_a_host_with_another_key_shows_drift_and_up_refuses_it(
 
 
 def test_destroy_deletes_every_resource_dependents_first(engine: LocalEngine, sim: SimHandle) -> None:
-    up(engine, fleet(sim, "ds"), "ds")
+    up(engine, fleet(sim, "de"), "de")
     plan: Plan = engine.destroy()
     deleted = [c.name for c in plan if c.op == DELETE]
     assert set(deleted) == {k.split("::", 1)[1] for k in engine.operations}
     assert engine.state == {}
-    assert servers_named(sim, "ds-") == []
+    assert servers_named(sim, "de-") == []
     # A command goes before the first boot it depends on, the servers before the deploy key they carry.
-    assert deleted.index("ds-1-uname") < deleted.index("ds-firstboot")
-    assert deleted.index("ds-ds-1-server") < deleted.index("ds-deploy")
+    assert deleted.index("de-1-uname") < deleted.index("de-firstboot")
+    assert deleted.index("de-de-1-server") < deleted.index("de-deploy")
 
 
 def test_the_demo_preview_prints_the_plan_of_a_new_stack(engine: LocalEngine, sim: SimHandle) -> None:
