@@ -10,6 +10,7 @@ the official `hcloud` library, standing in for pulumi-hcloud. The state is kept 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pulumi
-from hcloud import Client
+from hcloud import APIException, Client
 from hcloud.images import Image as HImage
 from hcloud.locations import Location
 from hcloud.server_types import ServerType
@@ -31,10 +32,22 @@ DYNAMIC = "pulumi-python:dynamic:Resource"
 HCLOUD_SERVER = "hcloud:index/server:Server"
 HCLOUD_SSH_KEY = "hcloud:index/sshKey:SshKey"
 HCLOUD_GET_SSH_KEY = "hcloud:index/getSshKey:getSshKey"
+HCLOUD_GET_SSH_KEYS = "hcloud:index/getSshKeys:getSshKeys"
 
 
 class UpFailed(RuntimeError):
     pass
+
+
+def _ssh_key_outputs(key: SSHKey) -> dict[str, Any]:
+    """An SSH key's properties as pulumi-hcloud names them (SshKey outputs, getSshKey(s) results)."""
+    return {
+        "id": key.id,
+        "name": key.name,
+        "publicKey": key.public_key,
+        "fingerprint": key.fingerprint,
+        "labels": key.labels or {},
+    }
 
 
 def _unwrap_secrets(value: Any) -> Any:
@@ -88,11 +101,24 @@ class LocalEngine(pulumi_mocks.Mocks):
             raise
 
     def call(self, args: pulumi_mocks.MockCallArgs) -> tuple[dict[str, Any], list[tuple[str, str]] | None]:
+        """The invokes of pulumi-hcloud the component makes, answered as pulumi-hcloud answers them."""
+        if args.token == HCLOUD_GET_SSH_KEYS:
+            keys = self.hcloud.ssh_keys.get_all(label_selector=args.args.get("withSelector") or None)
+            found = [_ssh_key_outputs(k) for k in sorted(keys, key=lambda k: k.id or 0)]
+            ident = ",".join(str(k["id"]) for k in found) or "none"
+            return {"id": ident, "sshKeys": found, "withSelector": args.args.get("withSelector")}, []
         if args.token == HCLOUD_GET_SSH_KEY:
-            key = self.hcloud.ssh_keys.get_by_name(args.args["name"])
-            if key is None:
-                raise UpFailed(f"SSH key {args.args['name']!r} does not exist")
-            return {"id": key.id, "name": key.name, "publicKey": key.public_key, "fingerprint": key.fingerprint}, []
+            wanted = {k: args.args[k] for k in ("id", "name", "fingerprint") if args.args.get(k) is not None}
+            selector = args.args.get("withSelector") or args.args.get("selector")
+            matches = [
+                k
+                for k in self.hcloud.ssh_keys.get_all(label_selector=selector or None)
+                if all(str(_ssh_key_outputs(k)[field]) == str(value) for field, value in wanted.items())
+            ]
+            if len(matches) != 1:
+                count = "no" if not matches else "more than one"
+                raise UpFailed(f"getSshKey: {count} SSH key found for {wanted or selector!r}")
+            return {**_ssh_key_outputs(matches[0]), "selector": selector, "withSelector": selector}, []
         raise UpFailed(f"unsupported invoke {args.token}")
 
     # -- resources -------------------------------------------------------------------------------------
@@ -117,7 +143,7 @@ class LocalEngine(pulumi_mocks.Mocks):
     def _server(self, key: str, inputs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         old = self.state.get(key)
         if old is None:
-            keys = [SSHKey(name=k) if not str(k).isdigit() else SSHKey(id=int(k)) for k in inputs.get("sshKeys", [])]
+            keys = [self._find_ssh_key(str(k)) for k in inputs.get("sshKeys", [])]
             resp = self.hcloud.servers.create(
                 name=inputs["name"],
                 server_type=ServerType(name=inputs["serverType"]),
@@ -142,11 +168,21 @@ class LocalEngine(pulumi_mocks.Mocks):
         net = server.public_net
         if net is None or net.ipv4 is None or net.ipv6 is None:
             raise UpFailed(f"server {inputs['name']!r} has no public IPv4 and IPv6 address")
+        # pulumi-hcloud's outputs: `ipv6Address` is the network's first host (`<network>::1`), `ipv6Network`
+        # the /64 the API reports.
+        network = ipaddress.IPv6Network(net.ipv6.ip)
         outs = {
             **inputs,
+            "labels": server.labels or {},
+            "firewallIds": [int(f) for f in inputs.get("firewallIds") or []],
             "ipv4Address": net.ipv4.ip,
-            "ipv6Address": net.ipv6.ip,
+            "ipv6Address": str(network[1]),
+            "ipv6Network": str(network),
+            "primaryDiskSize": server.primary_disk_size,
             "status": server.status,
+            "backups": bool(server.backup_window),
+            "deleteProtection": bool(server.protection and server.protection.get("delete")),
+            "rebuildProtection": bool(server.protection and server.protection.get("rebuild")),
         }
         self._record(key, Recorded(str(server.id), inputs, outs), op)
         return str(server.id), outs
@@ -157,10 +193,26 @@ class LocalEngine(pulumi_mocks.Mocks):
             self._record(key, old, "same")
             return old.id, old.outputs
         name = inputs.get("name") or key.rsplit("::", 1)[-1]
-        created = self.hcloud.ssh_keys.create(name=name, public_key=inputs["publicKey"])
-        outs = {**inputs, "name": created.name, "fingerprint": created.fingerprint}
+        created = self.hcloud.ssh_keys.create(name=name, public_key=inputs["publicKey"], labels=inputs.get("labels"))
+        outs = {**inputs, **_ssh_key_outputs(created)}
+        del outs["id"]
         self._record(key, Recorded(str(created.id), inputs, outs), "created")
         return str(created.id), outs
+
+    def _find_ssh_key(self, id_or_name: str) -> SSHKey:
+        """As pulumi-hcloud finds a server's `sshKeys` (hcloud-go's Get): by ID when the text is a number,
+        then by name."""
+        key: SSHKey | None = None
+        if id_or_name.isdigit():
+            try:
+                key = self.hcloud.ssh_keys.get_by_id(int(id_or_name))
+            except APIException as exc:
+                if exc.code != "not_found":
+                    raise
+        key = key or self.hcloud.ssh_keys.get_by_name(id_or_name)
+        if key is None:
+            raise UpFailed(f"SSH key {id_or_name!r} not found")
+        return key
 
     def _record(self, key: str, rec: Recorded, op: str) -> None:
         with self._lock:

@@ -15,6 +15,9 @@ from dabei_component.keys import generate_ssh_keypair
 DEPLOY = generate_ssh_keypair()
 HOST_KEYS = {n: generate_ssh_keypair() for n in ("web-1", "web-2")}
 USER_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl admin@example"
+LAPTOP = generate_ssh_keypair("me@laptop")
+# What pulumi-hcloud's getSshKeys returns for the project's one key.
+PROJECT_KEY = {"id": 31, "name": "laptop", "publicKey": LAPTOP.public, "fingerprint": "00:11", "labels": {}}
 
 
 class RecordingMocks(pulumi.runtime.Mocks):
@@ -46,7 +49,8 @@ class RecordingMocks(pulumi.runtime.Mocks):
 
     def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict[str, Any], list[Any]]:
         self.calls.append(args)
-        return {"publicKey": "ssh-ed25519 AAAA-from-hetzner", "name": args.args["name"]}, []
+        assert args.token == "hcloud:index/getSshKeys:getSshKeys", args.token
+        return {"id": "keys", "sshKeys": [PROJECT_KEY]}, []
 
     def by_name(self, name: str) -> pulumi.runtime.MockResourceArgs:
         return next(r for r in self.resources if r.name == name)
@@ -96,7 +100,9 @@ def test_resource_graph_types_and_parents() -> None:
     assert types["prod-web-1"] == "nix-dabei:index:Host"
     assert types["prod-web-2"] == "nix-dabei:index:Host"
     assert types["prod-deploy"] == "hcloud:index/sshKey:SshKey"
-    assert types["prod-user-0"] == "hcloud:index/sshKey:SshKey"
+    # The pasted key the project does not hold is uploaded, named after its fingerprint.
+    uploaded = [n for n, t in types.items() if t == "hcloud:index/sshKey:SshKey" and n != "prod-deploy"]
+    assert len(uploaded) == 1 and uploaded[0].startswith("prod-key-"), uploaded
     dynamic = sorted(n for n, t in types.items() if t == "pulumi-python:dynamic:Resource")
     assert dynamic == ["prod-firstboot", "prod-image", "prod-install", "prod-keys", "prod-rescue"]
     # Two hcloud servers, named after the hosts, each a child of its Host component.
@@ -122,10 +128,11 @@ def test_host_steps_get_every_host_in_one_resource() -> None:
     assert web1["disk"] == "/dev/sda"
     assert web1["host_public_key"] == HOST_KEYS["web-1"].public
     # Root's keys: the deploy key, the Hetzner key looked up by name, and the literal public key.
-    assert web1["authorized_keys"] == [DEPLOY.public, "ssh-ed25519 AAAA-from-hetzner", USER_KEY]
+    assert web1["authorized_keys"] == [DEPLOY.public, LAPTOP.public, USER_KEY]
     assert rescue["hosts"]["web-2"]["reinstall"] == "never"
     assert rescue["rescue_ssh_key_ids"] == [99]
-    assert [c.args["name"] for c in mocks.calls] == ["laptop"]
+    # One read of the project's keys for the whole fleet.
+    assert [c.token for c in mocks.calls] == ["hcloud:index/getSshKeys:getSshKeys"]
     install = mocks.by_name("prod-install").inputs
     assert install["host_private_keys"] == {n: k.private_openssh for n, k in HOST_KEYS.items()}
 
