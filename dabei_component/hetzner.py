@@ -264,8 +264,14 @@ class HetznerApi:
         )
         return any(a.id is not None and a.id > action_id and a.command in RESTART_COMMANDS for a in page.actions)
 
-    def catalog(self, deadline: float) -> tuple[set[str], set[str]]:
-        """The names of the server types and of the locations this project can use."""
+    def catalog(self, deadline: float) -> tuple[dict[str, set[str]], set[str]]:
+        """The server types this project can use, each with the names of the locations that offer it (the
+        per-location `locations` of a server type, Hetzner changelog 2025-09-24), and all location names."""
         types = self._call("list server types", self._client.server_types.get_all, deadline)
         locations = self._call("list locations", self._client.locations.get_all, deadline)
-        return {t.name for t in types if t.name}, {loc.name for loc in locations if loc.name}
+        offered = {
+            t.name: {loc.location.name for loc in t.locations or [] if loc.location and loc.location.name}
+            for t in types
+            if t.name
+        }
+        return offered, {loc.name for loc in locations if loc.name}
