@@ -26,7 +26,6 @@ import requests
 from hcloud import APIException, Client
 from hcloud.actions import BoundAction
 from hcloud.servers import Server
-from hcloud.ssh_keys import SSHKey
 
 T = TypeVar("T")
 
@@ -185,17 +184,6 @@ class HetznerApi:
                 raise HetznerError(f"server {server_id} is still locked by a running action at the step's deadline")
             self._log(f"server {server_id} is locked by a running action; waiting")
             time.sleep(self._poll_interval)
-
-    def ssh_key_id(self, name_or_id: str | int, deadline: float) -> int:
-        def lookup() -> SSHKey | None:
-            if isinstance(name_or_id, int) or str(name_or_id).isdigit():
-                return self._client.ssh_keys.get_by_id(int(name_or_id))
-            return self._client.ssh_keys.get_by_name(str(name_or_id))
-
-        key = self._call(f"find SSH key {name_or_id!r}", lookup, deadline)
-        if key is None or key.id is None:
-            raise HetznerError(f"SSH key {name_or_id!r} does not exist in this Hetzner project")
-        return key.id
 
     def _wait(self, what: str, action: BoundAction, deadline: float) -> None:
         while True:
