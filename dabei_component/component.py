@@ -118,12 +118,6 @@ def _with_results(
     )
 
 
-def _owner(fleet: str) -> str:
-    """The `OWNER_LABEL` value of one fleet of one stack (a label value holds at most 63 characters)."""
-    ident = f"{pulumi.get_project()}/{pulumi.get_stack()}/{fleet}"
-    return hashlib.sha256(ident.encode()).hexdigest()[:32]
-
-
 def _pick(mapping: pulumi.Output[dict[str, str]], key: str) -> pulumi.Output[str]:
     return mapping.apply(lambda m: m[key])
 
@@ -131,6 +125,12 @@ def _pick(mapping: pulumi.Output[dict[str, str]], key: str) -> pulumi.Output[str
 # Marks the SSH keys a fleet uploads itself (pasted public keys the project did not hold): those stay the
 # fleet's resources on later runs, while a key the project already holds under any name is only used.
 OWNER_LABEL = "nix-dabei/fleet"
+
+
+def _owner(fleet: str) -> str:
+    """The `OWNER_LABEL` value of one fleet of one stack (a label value holds at most 63 characters)."""
+    ident = f"{pulumi.get_project()}/{pulumi.get_stack()}/{fleet}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True)

@@ -210,3 +210,36 @@ def test_non_positive_deadline_is_rejected(seconds: Any) -> None:
 def test_empty_fleet_is_rejected() -> None:
     with pytest.raises(InvalidArgs, match="hosts"):
         Fleet("prod", FleetArgs(hosts=[], image=ImageArgs(flake="github:o/r")))
+
+
+def test_key_plan_reuses_keys_by_fingerprint_and_keeps_the_fleets_own_upload() -> None:
+    """Pasted keys resolve by fingerprint: a key the project holds (under any name, with any comment) is
+    used; one uploaded by another fleet too; one this fleet uploaded stays its upload; a missing name or ID
+    is a problem naming the entry."""
+    from dabei_component.component import OWNER_LABEL, ProjectKey, plan_user_keys
+    from dabei_component.keys import read_public_key
+
+    held, theirs, ours, fresh = (generate_ssh_keypair(c) for c in ("a@x", "b@x", "c@x", "d@x"))
+    md5 = {k.public: read_public_key(k.public).md5 for k in (held, theirs, ours, fresh)}  # type: ignore[union-attr]
+    project = [
+        ProjectKey(1, "laptop (old)", held.public, md5[held.public], {}),
+        ProjectKey(2, "other-fleet-key", theirs.public, md5[theirs.public], {OWNER_LABEL: "another"}),
+        ProjectKey(3, "prod-key-x", ours.public, md5[ours.public], {OWNER_LABEL: "mine"}),
+    ]
+    bare = " ".join(held.public.split()[:2])
+    hosts = [
+        HostArgs(name="a", server_type="cx22", location="fsn1", flake="github:o/r",
+                 ssh_keys=[f"  {bare}  other comment ", theirs.public, ours.public, fresh.public]),
+        HostArgs(name="b", server_type="cx22", location="fsn1", flake="github:o/r",
+                 ssh_keys=[bare, "laptop (old)", 1, fresh.public.replace(" d@x", " other@host"), "nope", 99]),
+    ]  # fmt: skip
+    plan = plan_user_keys(hosts, project, owner="mine")
+    assert plan.server_keys["a"] == [1, 2, md5[ours.public], md5[fresh.public]]
+    # The name, the ID and the pasted key are one key: listed once.
+    assert plan.server_keys["b"] == [1, md5[fresh.public]]
+    assert plan.upload == {
+        md5[ours.public]: " ".join(ours.public.split()[:2]),
+        md5[fresh.public]: " ".join(fresh.public.split()[:2]),
+    }
+    assert plan.authorized["b"] == [bare, fresh.public.replace(" d@x", " other@host")]
+    assert [p for p, _ in plan.problems] == ["hosts[1].ssh_keys[4]", "hosts[1].ssh_keys[5]"]
