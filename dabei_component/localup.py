@@ -39,17 +39,6 @@ class UpFailed(RuntimeError):
     pass
 
 
-def _ssh_key_outputs(key: SSHKey) -> dict[str, Any]:
-    """An SSH key's properties as pulumi-hcloud names them (SshKey outputs, getSshKey(s) results)."""
-    return {
-        "id": key.id,
-        "name": key.name,
-        "publicKey": key.public_key,
-        "fingerprint": key.fingerprint,
-        "labels": key.labels or {},
-    }
-
-
 def _unwrap_secrets(value: Any) -> Any:
     value = rpc.unwrap_rpc_secret(value)
     if isinstance(value, dict):
@@ -104,7 +93,7 @@ class LocalEngine(pulumi_mocks.Mocks):
         """The invokes of pulumi-hcloud the component makes, answered as pulumi-hcloud answers them."""
         if args.token == HCLOUD_GET_SSH_KEYS:
             keys = self.hcloud.ssh_keys.get_all(label_selector=args.args.get("withSelector") or None)
-            found = [_ssh_key_outputs(k) for k in sorted(keys, key=lambda k: k.id or 0)]
+            found = [self._ssh_key_outputs(k) for k in sorted(keys, key=lambda k: k.id or 0)]
             ident = ",".join(str(k["id"]) for k in found) or "none"
             return {"id": ident, "sshKeys": found, "withSelector": args.args.get("withSelector")}, []
         if args.token == HCLOUD_GET_SSH_KEY:
@@ -113,13 +102,24 @@ class LocalEngine(pulumi_mocks.Mocks):
             matches = [
                 k
                 for k in self.hcloud.ssh_keys.get_all(label_selector=selector or None)
-                if all(str(_ssh_key_outputs(k)[field]) == str(value) for field, value in wanted.items())
+                if all(str(self._ssh_key_outputs(k)[field]) == str(value) for field, value in wanted.items())
             ]
             if len(matches) != 1:
                 count = "no" if not matches else "more than one"
                 raise UpFailed(f"getSshKey: {count} SSH key found for {wanted or selector!r}")
-            return {**_ssh_key_outputs(matches[0]), "selector": selector, "withSelector": selector}, []
+            return {**self._ssh_key_outputs(matches[0]), "selector": selector, "withSelector": selector}, []
         raise UpFailed(f"unsupported invoke {args.token}")
+
+    @staticmethod
+    def _ssh_key_outputs(key: SSHKey) -> dict[str, Any]:
+        """An SSH key's properties as pulumi-hcloud names them (SshKey outputs, getSshKey(s) results)."""
+        return {
+            "id": key.id,
+            "name": key.name,
+            "publicKey": key.public_key,
+            "fingerprint": key.fingerprint,
+            "labels": key.labels or {},
+        }
 
     # -- resources -------------------------------------------------------------------------------------
 
@@ -141,9 +141,24 @@ class LocalEngine(pulumi_mocks.Mocks):
         return old.id, outs
 
     def _server(self, key: str, inputs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        def find_ssh_key(id_or_name: str) -> SSHKey:
+            # As pulumi-hcloud finds a server's `sshKeys` (hcloud-go's Get): by ID when the text is a
+            # number, then by name.
+            found: SSHKey | None = None
+            if id_or_name.isdigit():
+                try:
+                    found = self.hcloud.ssh_keys.get_by_id(int(id_or_name))
+                except APIException as exc:
+                    if exc.code != "not_found":
+                        raise
+            found = found or self.hcloud.ssh_keys.get_by_name(id_or_name)
+            if found is None:
+                raise UpFailed(f"SSH key {id_or_name!r} not found")
+            return found
+
         old = self.state.get(key)
         if old is None:
-            keys = [self._find_ssh_key(str(k)) for k in inputs.get("sshKeys", [])]
+            keys = [find_ssh_key(str(k)) for k in inputs.get("sshKeys", [])]
             resp = self.hcloud.servers.create(
                 name=inputs["name"],
                 server_type=ServerType(name=inputs["serverType"]),
@@ -194,25 +209,10 @@ class LocalEngine(pulumi_mocks.Mocks):
             return old.id, old.outputs
         name = inputs.get("name") or key.rsplit("::", 1)[-1]
         created = self.hcloud.ssh_keys.create(name=name, public_key=inputs["publicKey"], labels=inputs.get("labels"))
-        outs = {**inputs, **_ssh_key_outputs(created)}
+        outs = {**inputs, **self._ssh_key_outputs(created)}
         del outs["id"]
         self._record(key, Recorded(str(created.id), inputs, outs), "created")
         return str(created.id), outs
-
-    def _find_ssh_key(self, id_or_name: str) -> SSHKey:
-        """As pulumi-hcloud finds a server's `sshKeys` (hcloud-go's Get): by ID when the text is a number,
-        then by name."""
-        key: SSHKey | None = None
-        if id_or_name.isdigit():
-            try:
-                key = self.hcloud.ssh_keys.get_by_id(int(id_or_name))
-            except APIException as exc:
-                if exc.code != "not_found":
-                    raise
-        key = key or self.hcloud.ssh_keys.get_by_name(id_or_name)
-        if key is None:
-            raise UpFailed(f"SSH key {id_or_name!r} not found")
-        return key
 
     def _record(self, key: str, rec: Recorded, op: str) -> None:
         with self._lock:
