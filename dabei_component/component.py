@@ -5,6 +5,7 @@ Resource graph of a fleet:
     Fleet
     |- SshKeys            the deploy key (secret output)
     |- hcloud.SshKey      the deploy key, so rescue accepts it
+    |- hcloud.SshKey      each pasted user key the project does not hold yet (one per key, shared by hosts)
     |- Image              nix build, compressed and hashed once
     |- Host (per server)
     |  |- HostKey         the host's generated SSH host key (secret output)
@@ -18,6 +19,7 @@ The three host steps take the whole fleet in one call each (see `steps/base.py` 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -28,7 +30,7 @@ import pulumi_command as command
 import pulumi_hcloud as hcloud
 
 from . import validation
-from .keys import known_hosts_line
+from .keys import PublicKey, known_hosts_line
 from .steps.firstboot import FirstBoot
 from .steps.image import Image
 from .steps.install import Install
@@ -62,7 +64,8 @@ class HostArgs:
     server_type: str
     location: str
     flake: str  # the host runs `nixos-rebuild switch --flake <flake>#<name>`
-    ssh_keys: list[str] = field(default_factory=list)  # Hetzner SSH key names or OpenSSH public keys
+    # Pasted OpenSSH public keys, names of keys in the Hetzner project (free text) or their IDs.
+    ssh_keys: list[str | int] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)
     firewall_ids: list[int] = field(default_factory=list)
     disk: str = "/dev/sda"
@@ -131,8 +134,92 @@ def _step_results(step_hosts: pulumi.Output[dict[str, Any]], fields: tuple[str, 
     return step_hosts.apply(pick)
 
 
-def _is_public_key(key: str) -> bool:
-    return " " in key.strip()
+# Marks the SSH keys a fleet uploads itself (pasted public keys the project did not hold): those stay the
+# fleet's resources on later runs, while a key the project already holds under any name is only used.
+OWNER_LABEL = "nix-dabei/fleet"
+
+
+def _owner(fleet: str) -> str:
+    """The `OWNER_LABEL` value of one fleet of one stack (a label value holds at most 63 characters)."""
+    ident = f"{pulumi.get_project()}/{pulumi.get_stack()}/{fleet}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class ProjectKey:
+    """An SSH key of the Hetzner project, as pulumi-hcloud's `getSshKeys` returns it (`md5` is the
+    `fingerprint` field)."""
+
+    id: int
+    name: str
+    public_key: str
+    md5: str
+    labels: dict[str, str]
+
+
+def project_ssh_keys() -> list[ProjectKey]:
+    """Every SSH key of the project, through pulumi-hcloud's `getSshKeys` invoke (it runs at preview too)."""
+    found = hcloud.get_ssh_keys().ssh_keys
+    return [ProjectKey(int(k.id), k.name, k.public_key, k.fingerprint, dict(k.labels or {})) for k in found]
+
+
+@dataclass
+class KeyPlan:
+    """Per host: the Hetzner keys for the server (IDs of keys the project holds, or the MD5 fingerprint of a
+    pasted key the fleet uploads: `upload[md5]`) and root's authorized key lines for the installed host."""
+
+    server_keys: dict[str, list[int | str]]
+    authorized: dict[str, list[str]]
+    upload: dict[str, str]  # md5 fingerprint -> `type base64` of each key the fleet uploads
+    problems: list[validation.Problem]
+
+
+def plan_user_keys(hosts: list[HostArgs], project: list[ProjectKey], owner: str) -> KeyPlan:
+    """Resolve each host's `ssh_keys`: names and IDs to keys of the project, pasted keys to the project's key
+    with the same fingerprint (whatever its name or comment) or else to an upload shared by all hosts."""
+    by_id = {k.id: k for k in project}
+    by_name = {k.name: k for k in project}
+    by_md5 = {k.md5: k for k in project}
+    plan = KeyPlan({}, {}, {}, [])
+    for i, host in enumerate(hosts):
+        server_keys: list[int | str] = []
+        authorized: list[str] = []
+        for j, entry in enumerate(host.ssh_keys):
+            key = validation.ssh_key_entry(entry)  # validate() has vouched for every entry
+            if isinstance(key, PublicKey):
+                held = by_md5.get(key.md5)
+                use: int | str = key.md5
+                if held is not None and held.labels.get(OWNER_LABEL) != owner:
+                    use = held.id
+                else:
+                    plan.upload.setdefault(key.md5, key.blob)
+                line = key.line
+            else:
+                # Like pulumi-hcloud (hcloud-go's Get): a number is tried as an ID first, then as a name.
+                held = by_id.get(int(key)) if isinstance(key, int) or key.isdigit() else None
+                if held is None and isinstance(key, str):
+                    held = by_name.get(key)
+                if held is None:
+                    plan.problems.append((f"hosts[{i}].ssh_keys[{j}]", _missing_key(key, project)))
+                    continue
+                use, line = held.id, held.public_key
+            if use not in server_keys:
+                server_keys.append(use)
+                authorized.append(line)
+        plan.server_keys[host.name] = server_keys
+        plan.authorized[host.name] = authorized
+    return plan
+
+
+def _missing_key(key: int | str, project: list[ProjectKey]) -> str:
+    names = sorted(repr(k.name) for k in project)
+    held = f"it has {', '.join(names[:10])}{' and more' if len(names) > 10 else ''}" if names else "it has none"
+    if isinstance(key, int):
+        return f"no SSH key with ID {key} in this Hetzner project ({held})"
+    return (
+        f"no SSH key named {key!r} in this Hetzner project ({held}); names match exactly, or paste the "
+        f"public key itself{validation.not_a_key_hint(key)}"
+    )
 
 
 class Host(pulumi.ComponentResource):
@@ -215,6 +302,11 @@ class Fleet(pulumi.ComponentResource):
         problems = validate(args)
         if problems:
             raise InvalidArgs(problems)
+        owner = _owner(name)
+        project = project_ssh_keys() if any(h.ssh_keys for h in args.hosts) else []
+        keys = plan_user_keys(args.hosts, project, owner)
+        if keys.problems:
+            raise InvalidArgs(keys.problems)
         super().__init__("nix-dabei:index:Fleet", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
 
@@ -224,18 +316,18 @@ class Fleet(pulumi.ComponentResource):
             f"{name}-image", flake=args.image.flake, attr=args.image.attr, nix_args=args.image.nix_args, opts=child
         )
 
-        user_keys: dict[str, hcloud.SshKey] = {}
+        uploaded = {}
+        for md5, blob in keys.upload.items():
+            key_name = f"{name}-key-{md5.replace(':', '')[:12]}"  # named by the key: stable as hosts change
+            uploaded[md5] = hcloud.SshKey(
+                key_name, name=key_name, public_key=blob, labels={OWNER_LABEL: owner}, opts=child
+            )
         self.hosts = {}
         for host in args.hosts:
             # The deploy key too: a server created without keys gets a root password by e-mail.
             key_names: list[pulumi.Input[str]] = [self.deploy_key.name]
-            for key in host.ssh_keys:
-                if _is_public_key(key):
-                    if key not in user_keys:
-                        user_keys[key] = hcloud.SshKey(f"{name}-user-{len(user_keys)}", public_key=key, opts=child)
-                    key_names.append(user_keys[key].name)
-                else:
-                    key_names.append(key)
+            for use in keys.server_keys[host.name]:
+                key_names.append(str(use) if isinstance(use, int) else uploaded[use].id)
             self.hosts[host.name] = Host(
                 f"{name}-{host.name}",
                 host,
@@ -246,7 +338,10 @@ class Fleet(pulumi.ComponentResource):
             )
         host_private_keys = {n: h.host_key.private_key for n, h in self.hosts.items()}
 
-        authorized = self._authorized_keys(args, user_keys)
+        authorized = {
+            h.name: pulumi.Output.all(self.keys.deploy_public_key, *keys.authorized[h.name]).apply(list)
+            for h in args.hosts
+        }
         # What the program says about each host. Every step gets these directly (not through the step
         # before it), so a step that has nothing to do never hands stale inputs downstream.
         # A plain map of outputs, not one output: each value is sent on its own, so a preview that adds a
@@ -312,18 +407,3 @@ class Fleet(pulumi.ComponentResource):
                 "hosts": {n: {"ipv4": h.ipv4, "system": h.system} for n, h in self.hosts.items()},
             }
         )
-
-    def _authorized_keys(
-        self, args: FleetArgs, user_keys: dict[str, hcloud.SshKey]
-    ) -> dict[str, pulumi.Output[list[str]]]:
-        """Root's keys on the installed host: the deploy key and each user key, one key per entry."""
-        result = {}
-        for host in args.hosts:
-            keys: list[pulumi.Input[str]] = [self.keys.deploy_public_key]
-            for key in host.ssh_keys:
-                if _is_public_key(key):
-                    keys.append(key.strip())
-                else:
-                    keys.append(hcloud.get_ssh_key_output(name=key).public_key)
-            result[host.name] = pulumi.Output.all(*keys).apply(list)
-        return result

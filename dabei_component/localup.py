@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -58,6 +59,8 @@ COMMAND = "command:remote:Command"
 SERVER_REPLACE_ON = ("location",)
 # Outputs of an hcloud server that only the API knows (not known in a preview of its creation).
 SERVER_COMPUTED = ("ipv4Address", "ipv6Address", "ipv6Network", "status")
+
+HCLOUD_GET_SSH_KEYS = "hcloud:index/getSshKeys:getSshKeys"
 
 SYMBOLS = {"create": "+", "update": "~", "replace": "+-", "delete": "-", "same": " "}
 
@@ -305,12 +308,36 @@ class LocalEngine(pulumi_mocks.Mocks):
         return rec.id or None, rec.outputs
 
     def call(self, args: pulumi_mocks.MockCallArgs) -> tuple[dict[str, Any], list[tuple[str, str]] | None]:
+        """The invokes of pulumi-hcloud the component makes, answered as pulumi-hcloud answers them."""
+        if args.token == HCLOUD_GET_SSH_KEYS:
+            keys = self.hcloud.ssh_keys.get_all(label_selector=args.args.get("withSelector") or None)
+            found = [self._ssh_key_outputs(k) for k in sorted(keys, key=lambda k: k.id or 0)]
+            ident = ",".join(str(k["id"]) for k in found) or "none"
+            return {"id": ident, "sshKeys": found, "withSelector": args.args.get("withSelector")}, []
         if args.token == HCLOUD_GET_SSH_KEY:
-            key = self.hcloud.ssh_keys.get_by_name(args.args["name"])
-            if key is None:
-                raise UpFailed(f"SSH key {args.args['name']!r} does not exist")
-            return {"id": key.id, "name": key.name, "publicKey": key.public_key, "fingerprint": key.fingerprint}, []
+            wanted = {k: args.args[k] for k in ("id", "name", "fingerprint") if args.args.get(k) is not None}
+            selector = args.args.get("withSelector") or args.args.get("selector")
+            matches = [
+                k
+                for k in self.hcloud.ssh_keys.get_all(label_selector=selector or None)
+                if all(str(self._ssh_key_outputs(k)[field]) == str(value) for field, value in wanted.items())
+            ]
+            if len(matches) != 1:
+                count = "no" if not matches else "more than one"
+                raise UpFailed(f"getSshKey: {count} SSH key found for {wanted or selector!r}")
+            return {**self._ssh_key_outputs(matches[0]), "selector": selector, "withSelector": selector}, []
         raise UpFailed(f"unsupported invoke {args.token}")
+
+    @staticmethod
+    def _ssh_key_outputs(key: SSHKey) -> dict[str, Any]:
+        """An SSH key's properties as pulumi-hcloud names them (SshKey outputs, getSshKey(s) results)."""
+        return {
+            "id": key.id,
+            "name": key.name,
+            "publicKey": key.public_key,
+            "fingerprint": key.fingerprint,
+            "labels": key.labels or {},
+        }
 
     # -- recording ---------------------------------------------------------------------------------
 
@@ -396,8 +423,19 @@ class LocalEngine(pulumi_mocks.Mocks):
             self._delete_server(old)
         return op, rec
 
+    def _find_ssh_key_for_server(self, id_or_name: str) -> SSHKey:
+        # As pulumi-hcloud finds a server's `sshKeys` (hcloud-go's Get): by ID when the text is a number,
+        # then by name.
+        found: SSHKey | None = None
+        if id_or_name.isdigit():
+            found = self._find_ssh_key(int(id_or_name))
+        found = found or self.hcloud.ssh_keys.get_by_name(id_or_name)
+        if found is None:
+            raise UpFailed(f"SSH key {id_or_name!r} not found")
+        return found
+
     def _create_server(self, inputs: Mapping[str, Any]) -> Any:
-        keys = [SSHKey(name=k) if not str(k).isdigit() else SSHKey(id=int(k)) for k in inputs.get("sshKeys", [])]
+        keys = [self._find_ssh_key_for_server(str(k)) for k in inputs.get("sshKeys", [])]
         resp = self.hcloud.servers.create(
             name=inputs["name"],
             server_type=ServerType(name=inputs["serverType"]),
@@ -416,12 +454,21 @@ class LocalEngine(pulumi_mocks.Mocks):
         net = server.public_net
         if net is None or net.ipv4 is None or net.ipv6 is None:
             raise UpFailed(f"server {server.name!r} has no public IPv4 and IPv6 address")
+        # pulumi-hcloud's outputs: `ipv6Address` is the network's first host (`<network>::1`), `ipv6Network`
+        # the /64 the API reports.
+        network = ipaddress.IPv6Network(net.ipv6.ip)
         return {
             **inputs,
+            "labels": server.labels or {},
+            "firewallIds": [int(f) for f in inputs.get("firewallIds") or []],
             "ipv4Address": net.ipv4.ip,
-            "ipv6Address": net.ipv6.ip,
-            "labels": dict(server.labels or {}),
+            "ipv6Address": str(network[1]),
+            "ipv6Network": str(network),
+            "primaryDiskSize": server.primary_disk_size,
             "status": server.status,
+            "backups": bool(server.backup_window),
+            "deleteProtection": bool(server.protection and server.protection.get("delete")),
+            "rebuildProtection": bool(server.protection and server.protection.get("rebuild")),
         }
 
     def _delete_server(self, rec: Recorded) -> None:
@@ -450,8 +497,12 @@ class LocalEngine(pulumi_mocks.Mocks):
             rec.id, rec.outputs = old.id, {**old.outputs, **inputs}
         else:
             name = inputs.get("name") or key.rsplit("::", 1)[-1]
-            created = self.hcloud.ssh_keys.create(name=name, public_key=inputs["publicKey"])
-            rec.id, rec.outputs = str(created.id), {**inputs, "name": created.name, "fingerprint": created.fingerprint}
+            created = self.hcloud.ssh_keys.create(
+                name=name, public_key=inputs["publicKey"], labels=inputs.get("labels")
+            )
+            outs = {**inputs, **self._ssh_key_outputs(created)}
+            del outs["id"]
+            rec.id, rec.outputs = str(created.id), outs
         self._step(key, rec, op, paths)
         if op == "replace" and old is not None and not self._preview:
             self._delete_ssh_key(old)

@@ -10,8 +10,8 @@
   `shutdown_server`, `reboot_server`, `reset_server`, `enable_rescue`, `disable_rescue`, `create_image`,
   `delete_server`), slow actions, metadata outages per server; each for the next N matches or T seconds.
 - `GET /_sim/ratelimit`, `PUT /_sim/ratelimit` `{"limit": 3600, "period": 3600, "remaining": 10}`.
-- `GET /_sim/servers`, `GET /_sim/servers/{id}`: addresses, status, rescue state, metadata URL, state dir
-  and the machine's own description (`Machine.describe()`); never a password.
+- `GET /_sim/servers`, `GET /_sim/servers/{id}`: addresses, status, SSH keys given at create, rescue state,
+  metadata URL, state dir and the machine's own description (`Machine.describe()`); never a password.
 - `PUT /_sim/servers/{id}/faults`: SSH faults of the server's machine (`Machine.set_faults(body)`).
 """
 
@@ -84,6 +84,7 @@ def server_details(project: Project, server: Server) -> dict[str, Any]:
         "ipv6_address": server.ipv6_address,
         "mac": server.mac,
         "ssh_port": project.ssh_port,
+        "ssh_key_ids": list(server.ssh_key_ids),
         "rescue_enabled": server.rescue_enabled,
         "rescue_expires": iso(server.rescue_expires),
         "metadata_url": project.metadata_url(server.id),

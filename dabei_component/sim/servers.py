@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from .actions import list_actions_response
-from .errors import invalid_input, locked, not_found, uniqueness
+from .errors import ApiError, invalid_input, locked, not_found, uniqueness
 from .project import PROJECT, Project, Work
 from .query import (
     compile_label_selector,
@@ -23,7 +23,7 @@ from .query import (
     sort_items,
     validate_labels,
 )
-from .state import LOCATIONS, SERVER_TYPES, Action, Image, Server, SshKey
+from .state import LOCATIONS, SERVER_TYPES, Action, Image, Server, SshKey, offered
 
 routes = web.RouteTableDef()
 
@@ -152,6 +152,9 @@ async def create_server(request: web.Request) -> web.Response:
         location = next(loc for loc in LOCATIONS if loc["id"] == chosen["id"])
     else:
         location = LOCATIONS[0]
+    if not offered(server_type, location):
+        # The real API's answer (code, message and empty details) to a CAX in ash, for one.
+        raise ApiError("invalid_input", "unsupported location for server type", {})
     keys = resolve_ssh_keys(project, body.get("ssh_keys", []), "ssh_keys")
     labels = validate_labels(body.get("labels", {}))
     user_data = body.get("user_data")

@@ -72,19 +72,31 @@ LOCATIONS: list[dict[str, Any]] = [
      "latitude": 1.283333, "longitude": 103.833333, "network_zone": "ap-southeast", "dc": "sin-dc1"},
 ]  # fmt: skip
 
+# Where each type is offered (Hetzner's docs, "Server types": the shared x86 CX and the Arm64 CAX types
+# in the EU locations only; CPX and the dedicated CCX types everywhere). Creating a server of a type in
+# another location fails with `invalid_input` "unsupported location for server type".
+_EU = ("fsn1", "nbg1", "hel1")
+_ALL = ("fsn1", "nbg1", "hel1", "ash", "hil", "sin")
+
 SERVER_TYPES: list[dict[str, Any]] = [
     {"id": 22, "name": "cx22", "description": "CX22", "cores": 2, "memory": 4.0, "disk": 40,
-     "cpu_type": "shared", "architecture": "x86", "category": "cost_optimized", "hourly": "0.0060"},
+     "cpu_type": "shared", "architecture": "x86", "category": "cost_optimized", "hourly": "0.0060",
+     "locations": _EU},
     {"id": 25, "name": "cx32", "description": "CX32", "cores": 4, "memory": 8.0, "disk": 80,
-     "cpu_type": "shared", "architecture": "x86", "category": "cost_optimized", "hourly": "0.0110"},
+     "cpu_type": "shared", "architecture": "x86", "category": "cost_optimized", "hourly": "0.0110",
+     "locations": _EU},
     {"id": 1, "name": "cpx11", "description": "CPX 11", "cores": 2, "memory": 2.0, "disk": 40,
-     "cpu_type": "shared", "architecture": "x86", "category": "regular_purpose", "hourly": "0.0070"},
+     "cpu_type": "shared", "architecture": "x86", "category": "regular_purpose", "hourly": "0.0070",
+     "locations": _ALL},
     {"id": 3, "name": "cpx21", "description": "CPX 21", "cores": 3, "memory": 4.0, "disk": 80,
-     "cpu_type": "shared", "architecture": "x86", "category": "regular_purpose", "hourly": "0.0130"},
+     "cpu_type": "shared", "architecture": "x86", "category": "regular_purpose", "hourly": "0.0130",
+     "locations": _ALL},
     {"id": 45, "name": "cax11", "description": "CAX11", "cores": 2, "memory": 4.0, "disk": 40,
-     "cpu_type": "shared", "architecture": "arm", "category": "cost_optimized", "hourly": "0.0060"},
+     "cpu_type": "shared", "architecture": "arm", "category": "cost_optimized", "hourly": "0.0060",
+     "locations": _EU},
     {"id": 96, "name": "ccx13", "description": "CCX13 Dedicated CPU", "cores": 2, "memory": 8.0, "disk": 80,
-     "cpu_type": "dedicated", "architecture": "x86", "category": "general_purpose", "hourly": "0.0200"},
+     "cpu_type": "dedicated", "architecture": "x86", "category": "general_purpose", "hourly": "0.0200",
+     "locations": _ALL},
 ]  # fmt: skip
 
 SYSTEM_IMAGES: list[dict[str, Any]] = [
@@ -105,8 +117,13 @@ def location_json(loc: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in loc.items() if k != "dc"}
 
 
+def offered(server_type: dict[str, Any], location: dict[str, Any]) -> bool:
+    """Whether the server type can be created in the location."""
+    return bool(location["name"] in server_type["locations"])
+
+
 def datacenter_json(loc: dict[str, Any]) -> dict[str, Any]:
-    type_ids = [st["id"] for st in SERVER_TYPES]
+    type_ids = [st["id"] for st in SERVER_TYPES if offered(st, loc)]
     return {
         "id": loc["id"],
         "name": loc["dc"],
@@ -140,6 +157,7 @@ def server_type_json(st: dict[str, Any]) -> dict[str, Any]:
                 "price_per_tb_traffic": price("1.0000"),
             }
             for loc in LOCATIONS
+            if offered(st, loc)
         ],
         "storage_type": "local",
         "cpu_type": st["cpu_type"],
@@ -148,6 +166,7 @@ def server_type_json(st: dict[str, Any]) -> dict[str, Any]:
         "locations": [
             {"id": loc["id"], "name": loc["name"], "deprecation": None, "available": True, "recommended": True}
             for loc in LOCATIONS
+            if offered(st, loc)
         ],
     }
 
