@@ -1,33 +1,30 @@
-"""Stand-in for `nixos-rebuild switch --flake REF#HOST` on simulated servers.
+"""Stand-in for `nixos-rebuild switch --flake REF#HOST` on simulated servers: a real `nix build`.
 
-It records the flake reference in `<root>/var/lib/nix-dabei-sim/rebuilds.log` and points
-`<root>/run/current-system` at a store path derived from the flake reference. Tests make rebuilds fail by
-writing a number N into `<root>/var/lib/nix-dabei-sim/fail-rebuilds` (the next N rebuilds fail), or
-`always`. `--seconds S` makes each rebuild take S seconds (sleeping, as a build waits on downloads), so
-benchmarks can give the rebuild a realistic share of an installation.
+It builds `REF#nixosConfigurations.HOST.config.system.build.toplevel` with the machine's Nix (offline, no
+sandbox: `imaging.OFFLINE_NIX_ARGS`, both Linux systems accepted, the fixture systems being shell scripts)
+and points `<root>/run/current-system` at the result, so the system a host runs is the one its flake
+builds. A `path:` reference to a directory of the simulated host (a flake source the deployer sent) is
+read under `--root`. It records the flake reference in `<root>/var/lib/nix-dabei-sim/rebuilds.log`. Tests
+make rebuilds fail by writing a number N into `<root>/var/lib/nix-dabei-sim/fail-rebuilds` (the next N
+rebuilds fail), or `always`. `--seconds S` makes each rebuild take S seconds more (a build waiting on
+downloads), so benchmarks can give the rebuild a realistic share of an installation.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+from ..imaging import NIX_FEATURES, OFFLINE_NIX_ARGS
+
 SIM_STATE = "var/lib/nix-dabei-sim"
-_NIX_BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"
-
-
-def store_hash(flake: str) -> str:
-    """32 characters of Nix's base32 alphabet from the sha256 of the flake reference (160 bits)."""
-    bits = int.from_bytes(hashlib.sha256(flake.encode("utf-8")).digest()[:20], "big")
-    return "".join(_NIX_BASE32[(bits >> (5 * i)) & 31] for i in range(31, -1, -1))
-
-
-def system_path(flake: str, hostname: str) -> str:
-    return f"/nix/store/{store_hash(flake)}-nixos-system-{hostname}"
+# Build the systems of either architecture here: the fixture derivations run the host's /bin/sh.
+SIM_NIX_ARGS = (*OFFLINE_NIX_ARGS, "--option", "extra-platforms", "aarch64-linux x86_64-linux")
 
 
 def _take_failure(counter: Path) -> bool:
@@ -46,6 +43,24 @@ def _take_failure(counter: Path) -> bool:
         return False
     counter.write_text(f"{remaining - 1}\n")
     return True
+
+
+def on_host(flake: str, root: Path) -> str:
+    """The reference as the simulated host sees it: a `path:/abs` is a directory under its root."""
+    if flake.startswith("path:/"):
+        return f"path:{root}{flake[len('path:') :]}"
+    return flake
+
+
+def build_toplevel(flake: str, hostname: str) -> str:
+    """`nix build` the host's toplevel; its store path. Raises RuntimeError with Nix's error."""
+    installable = f"{flake}#nixosConfigurations.{hostname}.config.system.build.toplevel"
+    command = ["nix", *NIX_FEATURES, "build", "--no-link", "--json", *SIM_NIX_ARGS, installable]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.strip().splitlines() if "build-users-group" not in line]
+        raise RuntimeError(f"nix build {installable} failed: " + "\n".join(lines[-10:]))
+    return str(json.loads(done.stdout)[0]["outputs"]["out"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,8 +88,12 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    try:
+        system = build_toplevel(on_host(args.flake, args.root), args.hostname)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
-    system = system_path(args.flake, args.hostname)
     current = args.root / "run/current-system"
     current.parent.mkdir(parents=True, exist_ok=True)
     tmp = current.with_name(f".current-system.{os.getpid()}")

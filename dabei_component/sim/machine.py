@@ -28,6 +28,7 @@ from dabei_firstboot.seed import SeedError, find_seed_partition, read_seed
 from .client import free_port
 from .disk import Disk
 from .fake_rebuild import SIM_STATE
+from .firmware import NotBootable, check_bootable
 from .sshd import FaultProxy, NamespacedProcess, PrivateDev, SshDaemon, SshdSettings
 from .state import Durations
 
@@ -46,6 +47,8 @@ class MachineSpec:
     disk_bytes: int
     state_dir: Path
     metadata_url: str
+    # The server type's `architecture` (`x86` or `arm`): which boot loader the firmware runs.
+    architecture: str = "x86"
 
 
 @dataclass
@@ -198,6 +201,12 @@ class Machine:
                 self._boot_failed("boot hook fails (ssh fault boot_hook_fails)")
                 return
             try:
+                check_bootable(self.disk_path, self.spec.architecture)
+            except NotBootable as e:
+                # Like the hardware: the firmware finds nothing it can start, nothing comes up.
+                self._boot_failed(str(e))
+                return
+            try:
                 await self.boot_hook(self)
             except Exception as e:
                 # A broken installed system is a state of the machine, not an error of the API call: it
@@ -244,6 +253,7 @@ class Machine:
             "sshd_pid": self.sshd_pid,
             "ssh_proxy": self._proxy is not None,
             "metadata_url": self.spec.metadata_url,
+            "architecture": self.spec.architecture,
             "faults": self.faults.to_dict(),
             "boot_error": self.boot_error,
         }

@@ -203,6 +203,7 @@ class Project:
             "disk_bytes": int(server.server_type["disk"]) * 1024**3,
             "state_dir": self.state_dir / "servers" / str(server.id),
             "metadata_url": self.metadata_url(server.id),
+            "architecture": server.server_type["architecture"],
         }
         boot_hook = self.boot_hook if self.boot_hook is not None else default_boot_hook(self.durations)
         machine = self.machine_factory(spec, self.ssh_port, boot_hook)

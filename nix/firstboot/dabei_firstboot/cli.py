@@ -1,4 +1,4 @@
-"""The host CLI ``nix-dabei``: seed, firstboot, network, status, apply (see docs/architecture.md)."""
+"""The host CLI ``nix-dabei``: seed, firstboot, network, status, apply, receive (see docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ import argparse
 import fcntl
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +20,7 @@ from typing import Any
 from . import seed as seedlib
 from .config import (
     FLAKE_FILE,
+    FLAKES_DIR,
     HOST_KEY,
     PENDING_MARKER,
     PERSISTENT_INSTANCE_DATA,
@@ -233,6 +237,7 @@ def _converge_locked(config: Config, log: Log, fetch: bool) -> int:
             data = json.loads(persisted.read_text(encoding="utf-8"))
         status.update(phase="network", hostname=data["hostname"], flake=flake)
         log(f"network: {apply_network(config, data)} for {data['mac_address']}")
+        _wait_for_source(config, flake, log)
         system, failed_units = run_rebuild(config, flake, data["hostname"], status, log)
     except (MetadataError, NetworkError, RebuildError, OSError, ValueError, KeyError) as exc:
         status.fail(str(exc))
@@ -241,6 +246,54 @@ def _converge_locked(config: Config, log: Log, fetch: bool) -> int:
     status.update(phase="converged", system=system, last_error=None, failed_units=failed_units)
     config.path(PENDING_MARKER).unlink(missing_ok=True)
     log(f"converged: {system}")
+    return 0
+
+
+_SENT_SOURCE = re.compile(r"^path:/" + re.escape(FLAKES_DIR) + r"/([0-9a-f]{32})(\?|$)")
+
+
+def _wait_for_source(config: Config, flake: str, log: Log, poll: float = 1.0) -> None:
+    """A flake the deployer sends (`nix-dabei receive`, after the host booted): wait until it is here."""
+    match = _SENT_SOURCE.match(flake)
+    if match is None:
+        return
+    directory = config.path(f"{FLAKES_DIR}/{match[1]}")
+    deadline = time.monotonic() + config.source_wait_seconds
+    if not directory.is_dir():
+        log(f"waiting up to {config.source_wait_seconds:g} s for the deployer to send the flake source {match[1]}")
+    while not directory.is_dir():
+        if time.monotonic() >= deadline:
+            raise RebuildError(
+                f"the flake source {match[1]} was not sent within {config.source_wait_seconds:g} s "
+                f"(the deployer sends it over SSH once the host is up)"
+            )
+        time.sleep(poll)
+
+
+def cmd_receive(config: Config, log: Log, source_id: str) -> int:
+    """Unpack a flake source (a tar stream on stdin) into FLAKES_DIR/<id>, complete or not at all."""
+    if not re.fullmatch(r"[0-9a-f]{32}", source_id):
+        print(f"nix-dabei receive: invalid source id {source_id!r}", file=sys.stderr)
+        return 2
+    target = config.path(f"{FLAKES_DIR}/{source_id}")
+    if target.is_dir():
+        shutil.copyfileobj(sys.stdin.buffer, open(os.devnull, "wb"))
+        print(json.dumps({"received": source_id, "new": False}))
+        return 0
+    partial = target.with_name(f".{source_id}.tmp-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        with tarfile.open(fileobj=sys.stdin.buffer, mode="r|*") as archive:
+            # The "data" filter refuses links out of the tree, device files and absolute names.
+            archive.extractall(partial, filter="data")
+        os.replace(partial, target)
+    except (tarfile.TarError, OSError) as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        print(f"nix-dabei receive: {exc}", file=sys.stderr)
+        return 1
+    log(f"received flake source {source_id}")
+    print(json.dumps({"received": source_id, "new": True}))
     return 0
 
 
@@ -316,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="print the status as JSON")
     apply = sub.add_parser("apply", help="switch to a flake and rebuild")
     apply.add_argument("--flake", required=True, help="flake reference, e.g. github:me/hosts")
+    receive = sub.add_parser("receive", help="unpack a flake source sent by the deployer (tar on stdin)")
+    receive.add_argument("--source", required=True, help="the source's id (32 hex digits)")
     return parser
 
 
@@ -335,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_network(config, log)
     if args.command == "status":
         return cmd_status(config, log)
+    if args.command == "receive":
+        return cmd_receive(config, log, args.source)
     return cmd_apply(config, log, args.flake)
 
 

@@ -30,6 +30,9 @@ SSH_DIR = f"{STATE_DIR}/ssh"
 HOST_KEY = f"{SSH_DIR}/ssh_host_ed25519_key"
 ROOT_AUTHORIZED_KEYS = f"{SSH_DIR}/authorized_keys.d/root"
 NETWORKD_FILE = "run/systemd/network/10-nix-dabei-uplink.network"
+# Flake sources the deployer sends (`nix-dabei receive`), one directory per source: the host builds
+# `path:/var/lib/nix-dabei/flakes/<id>?narHash=...`.
+FLAKES_DIR = f"{STATE_DIR}/flakes"
 
 
 class ConfigError(Exception):
@@ -53,6 +56,8 @@ class Config:
     journal_command: tuple[str, ...] | None = None
     network_reload_command: tuple[str, ...] | None = ("networkctl", "reload")
     switch_wait_command: tuple[str, ...] | None = None
+    # How long a rebuild waits for the flake source the deployer sends after the boot.
+    source_wait_seconds: float = 1800.0
     source: str = field(default="(defaults)", compare=False)
 
     def path(self, relative: str) -> Path:
@@ -67,6 +72,7 @@ _FLOAT_KEYS = {
     "metadata_timeout_seconds",
     "rebuild_backoff_seconds",
     "rebuild_timeout_seconds",
+    "source_wait_seconds",
 }
 _ARGV_KEYS = {"rebuild_command", "journal_command", "network_reload_command", "switch_wait_command"}
 _NULLABLE_ARGV_KEYS = {"journal_command", "network_reload_command", "switch_wait_command"}
