@@ -29,7 +29,7 @@ import pulumi
 import pulumi_command as command
 import pulumi_hcloud as hcloud
 
-from . import validation
+from . import flakes, validation
 from .keys import PublicKey, known_hosts_line
 from .steps.firstboot import FirstBoot
 from .steps.image import Image
@@ -49,13 +49,26 @@ class Deadlines:
     firstboot: float = 1800
 
 
+# The Nix system of each architecture in Hetzner's server type catalog (`architecture` of
+# GET /server_types: `x86` for CX, CPX, CCX, booting by BIOS; `arm` for CAX, booting by UEFI).
+SYSTEMS = {"x86": "x86_64-linux", "arm": "aarch64-linux"}
+
+
 @dataclass
 class ImageArgs:
-    """The disk image: a flake output that builds a raw NixOS-on-ZFS image (see nix/README.md)."""
+    """The disk image: a flake output that builds a raw NixOS-on-ZFS image (see nix/README.md).
+
+    `attr` may hold `{system}` (`packages.{system}.image`): one image per Nix system the fleet's server
+    types need, each built once; `attrs` names the output of a system explicitly (`{"aarch64-linux": ...}`).
+    """
 
     flake: str
-    attr: str = "packages.x86_64-linux.image"
+    attr: str = "packages.{system}.image"
     nix_args: list[str] = field(default_factory=list)
+    attrs: dict[str, str] = field(default_factory=dict)
+
+    def attr_for(self, system: str) -> str:
+        return self.attrs.get(system) or self.attr.replace("{system}", system)
 
 
 @dataclass
@@ -81,6 +94,11 @@ class FleetArgs:
     deadlines: Deadlines = field(default_factory=Deadlines)
     placeholder_image: str = DEFAULT_PLACEHOLDER_IMAGE
     ssh_port: int = 22  # only for the local simulator; Hetzner's rescue listens on 22
+    # Evaluate each host's system at preview (needs a deployer that evaluates NixOS; off: the preview
+    # says the systems are not known and a host acts on any change of its flake's source).
+    evaluate: bool = True
+    # Where relative flake paths start; None: the Pulumi project's directory.
+    base_dir: str | None = None
 
 
 class InvalidArgs(ValueError):
@@ -222,6 +240,59 @@ def _missing_key(key: int | str, project: list[ProjectKey]) -> str:
     )
 
 
+def host_systems(hosts: list[HostArgs]) -> tuple[dict[str, str], list[validation.Problem]]:
+    """Each host's Nix system, from its server type's `architecture` in the Hetzner catalog (pulumi-hcloud's
+    `getServerType` invoke, which answers at preview too)."""
+    by_type: dict[str, str | None] = {}
+    problems: list[validation.Problem] = []
+    systems: dict[str, str] = {}
+    for i, host in enumerate(hosts):
+        if host.server_type not in by_type:
+            try:
+                arch = hcloud.get_server_type(name=host.server_type).architecture
+            except Exception as exc:  # the invoke's error names the type; say which config key holds it
+                problems.append((f"hosts[{i}].server_type", f"cannot read server type {host.server_type!r}: {exc}"))
+                by_type[host.server_type] = None
+                continue
+            by_type[host.server_type] = SYSTEMS.get(str(arch))
+            if by_type[host.server_type] is None:
+                problems.append(
+                    (f"hosts[{i}].server_type", f"server type {host.server_type!r}: unknown architecture {arch!r}")
+                )
+        system = by_type[host.server_type]
+        if system is not None:
+            systems[host.name] = system
+    return systems, problems
+
+
+def resolve_flakes(
+    args: FleetArgs,
+) -> tuple[dict[str, flakes.LockedFlake], dict[str, str | None], list[validation.Problem]]:
+    """Lock every host flake on the deployer and, with `evaluate`, evaluate each host's system (one `nix
+    eval` for the fleet). Returns (locked by flake text, system by host name, problems)."""
+    base = args.base_dir or flakes.project_dir()
+    nix_args = list(args.image.nix_args)
+    locked: dict[str, flakes.LockedFlake] = {}
+    problems: list[validation.Problem] = []
+    for i, host in enumerate(args.hosts):
+        if host.flake in locked:
+            continue
+        try:
+            locked[host.flake] = flakes.lock(host.flake, base, nix_args)
+        except flakes.FlakeError as exc:
+            problems.append((f"hosts[{i}].flake", str(exc)))
+    systems: dict[str, str | None] = {h.name: None for h in args.hosts}
+    if args.evaluate and not problems:
+        try:
+            systems.update(flakes.evaluate_systems({h.name: locked[h.flake] for h in args.hosts}, base, nix_args))
+        except flakes.FlakeError as exc:
+            problems.append(("hosts", str(exc)))
+    elif not args.evaluate:
+        names = ", ".join(h.name for h in args.hosts)
+        pulumi.log.warn(f"systems not known (evaluation is off): {names} act on any change of their flake's source")
+    return locked, systems, problems
+
+
 class Host(pulumi.ComponentResource):
     """One server of a fleet: the hcloud server and what the component proved about it."""
 
@@ -307,14 +378,30 @@ class Fleet(pulumi.ComponentResource):
         keys = plan_user_keys(args.hosts, project, owner)
         if keys.problems:
             raise InvalidArgs(keys.problems)
+        platforms, problems = host_systems(args.hosts)
+        locked, systems, flake_problems = resolve_flakes(args)
+        if problems or flake_problems:
+            raise InvalidArgs(problems + flake_problems)
         super().__init__("nix-dabei:index:Fleet", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
 
         self.keys = SshKeys(f"{name}-keys", opts=child)
         self.deploy_key = hcloud.SshKey(f"{name}-deploy", public_key=self.keys.deploy_public_key, opts=child)
-        self.image = Image(
-            f"{name}-image", flake=args.image.flake, attr=args.image.attr, nix_args=args.image.nix_args, opts=child
-        )
+        # One image per Nix system in use, each built once; the x86_64 one keeps the name a fleet had
+        # before images were per system.
+        self.images: dict[str, Image] = {}
+        for system in sorted(set(platforms.values())):
+            users = [f"{h.name} ({h.server_type})" for h in args.hosts if platforms[h.name] == system]
+            self.images[system] = Image(
+                f"{name}-image" if system == "x86_64-linux" else f"{name}-image-{system}",
+                flake=args.image.flake,
+                attr=args.image.attr_for(system),
+                nix_args=args.image.nix_args,
+                system=system,
+                for_hosts=users,
+                opts=child,
+            )
+        self.image = next(iter(self.images.values()))
 
         uploaded = {}
         for md5, blob in keys.upload.items():
@@ -350,7 +437,8 @@ class Fleet(pulumi.ComponentResource):
             h.name: {
                 "server_id": self.hosts[h.name].server.id.apply(int),
                 "ipv4": self.hosts[h.name].ipv4,
-                "image": self.image.out_path,
+                "image": self.images[platforms[h.name]].out_path,
+                "platform": platforms[h.name],
                 "reinstall": h.reinstall,
                 "disk": h.disk,
                 "flake": h.flake,
@@ -359,9 +447,14 @@ class Fleet(pulumi.ComponentResource):
                 "location": h.location,
                 "host_public_key": self.hosts[h.name].host_key.public_key,
                 "authorized_keys": authorized[h.name],
+                # The store path the host must run (None: evaluation off, then the source decides).
+                "system": systems[h.name],
+                **({} if args.evaluate else {"source": locked[h.flake].nar_hash}),
             }
             for h in args.hosts
         }
+        # The locked source of each host flake (by its text in the config): sent to the hosts that act.
+        sources = {flake: lock.to_json() for flake, lock in locked.items()}
         rescue_keys = [self.deploy_key.id.apply(int)]
         self.rescue = Rescue(
             f"{name}-rescue",
@@ -371,20 +464,24 @@ class Fleet(pulumi.ComponentResource):
             deadline_seconds=args.deadlines.rescue,
             opts=child,
         )
-        image_outputs = pulumi.Output.all(
-            flake=self.image.flake,
-            attr=self.image.attr,
-            nix_args=self.image.nix_args,
-            cache_dir=self.image.cache_dir,
-            out_path=self.image.out_path,
-            seed_size=self.image.seed_size,
-        )
+        image_outputs = {
+            system: pulumi.Output.all(
+                flake=image.flake,
+                attr=image.attr,
+                nix_args=image.nix_args,
+                cache_dir=image.cache_dir,
+                out_path=image.out_path,
+                seed_size=image.seed_size,
+            )
+            for system, image in self.images.items()
+        }
         rescue_results = ("rescue_host_key", "rescue_boot_id", "rescue_action_id")
         self.install = Install(
             f"{name}-install",
             hosts=host_inputs,
             rescued=_step_results(self.rescue.hosts, rescue_results),
-            image=image_outputs,
+            images=image_outputs,
+            sources=sources,
             rescue_ssh_key_ids=rescue_keys,
             deploy_private_key=self.keys.deploy_private_key,
             host_private_keys=host_private_keys,
@@ -395,6 +492,7 @@ class Fleet(pulumi.ComponentResource):
             f"{name}-firstboot",
             hosts=host_inputs,
             installed=_step_results(self.install.hosts, ("installed_image", "rescue_boot_id")),
+            sources=sources,
             deploy_private_key=self.keys.deploy_private_key,
             deadline_seconds=args.deadlines.firstboot,
             opts=child,
@@ -403,7 +501,7 @@ class Fleet(pulumi.ComponentResource):
             self.hosts[h.name].finish(self.first_boot, self.keys.deploy_private_key, args.ssh_port)
         self.register_outputs(
             {
-                "image": self.image.out_path,
+                "images": {system: image.out_path for system, image in self.images.items()},
                 "hosts": {n: {"ipv4": h.ipv4, "system": h.system} for n, h in self.hosts.items()},
             }
         )

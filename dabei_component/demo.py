@@ -7,15 +7,17 @@ Progress goes to stderr; stdout gets one JSON line per host and a final summary 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,15 +26,16 @@ from typing import Any
 from hcloud import Client
 
 from .component import Deadlines, FleetArgs, HostArgs, ImageArgs
-from .imaging import OFFLINE_NIX_ARGS
 from .localup import LocalEngine, Plan
 from .program import declare
 from .provider_server import ProviderServer
 from .sim.client import free_port
+from .sim.fake_rebuild import SIM_NIX_ARGS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 FIXTURE_FLAKE = PROJECT_ROOT / "nix" / "fixtures" / "image"
-DEMO_FLAKE = "github:example/infra"
+# The image output of each system in the fixture flake.
+FIXTURE_IMAGE_ATTR = "packages.{system}.default"
 
 
 @dataclass
@@ -81,19 +84,51 @@ def fixture_image_attr() -> str:
     return f"packages.{arch}.default"
 
 
-def demo_args(servers: int, flake: str = DEMO_FLAKE, ssh_port: int = 22, prefix: str = "demo") -> FleetArgs:
+def write_fixture_flake(directory: Path, hosts: Mapping[str, str | Mapping[str, str]]) -> Path:
+    """A copy of the fixture flake in `directory` with one host file per name: its Nix system, or the
+    settings of its trivial system (`{"system": ..., "motd": ...}`). Returns the directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in ("flake.nix", "flake.lock", "build.sh"):
+        shutil.copyfile(FIXTURE_FLAKE / name, directory / name)
+    (directory / "hosts").mkdir(exist_ok=True)
+    for name, settings in hosts.items():
+        values = {"system": settings, "motd": name} if isinstance(settings, str) else dict(settings)
+        body = " ".join(f"{k} = {json.dumps(v)};" for k, v in sorted(values.items()))
+        (directory / "hosts" / f"{name}.nix").write_text(f"{{ {body} }}\n")
+    return directory
+
+
+def demo_flake(hosts: Mapping[str, str]) -> str:
+    """The hosts' flake for the demo and tests: the fixture flake with these hosts (name -> Nix system),
+    written once per set of hosts into the temporary directory. Returns `path:<dir>`."""
+    key = hashlib.sha256(json.dumps(sorted(hosts.items())).encode()).hexdigest()[:16]
+    target = Path(tempfile.gettempdir()) / "nix-dabei-demo-flakes" / key
+    if not target.is_dir():
+        partial = write_fixture_flake(target.with_name(f"{key}.tmp-{os.getpid()}"), hosts)
+        try:
+            os.replace(partial, target)
+        except OSError:  # another process wrote the same flake first
+            shutil.rmtree(partial, ignore_errors=True)
+    return f"path:{target}"
+
+
+def demo_args(
+    servers: int, flake: str | None = None, ssh_port: int = 22, prefix: str = "demo", server_type: str = "cx22"
+) -> FleetArgs:
+    names = [f"{prefix}-{i}" for i in range(1, servers + 1)]
+    system = "aarch64-linux" if server_type.startswith("cax") else "x86_64-linux"
     return FleetArgs(
         hosts=[
             HostArgs(
-                name=f"{prefix}-{i}",
-                server_type="cx22",
+                name=name,
+                server_type=server_type,
                 location=("fsn1", "nbg1", "hel1")[i % 3],
-                flake=flake,
+                flake=flake or demo_flake(dict.fromkeys(names, system)),
                 labels={"purpose": "demo"},
             )
-            for i in range(1, servers + 1)
+            for i, name in enumerate(names, start=1)
         ],
-        image=ImageArgs(flake=f"path:{FIXTURE_FLAKE}", attr=fixture_image_attr(), nix_args=list(OFFLINE_NIX_ARGS)),
+        image=ImageArgs(flake=f"path:{FIXTURE_FLAKE}", attr=FIXTURE_IMAGE_ATTR, nix_args=list(SIM_NIX_ARGS)),
         deadlines=Deadlines(rescue=300, install=600, firstboot=600),
         ssh_port=ssh_port,
     )

@@ -61,6 +61,7 @@ SERVER_REPLACE_ON = ("location",)
 SERVER_COMPUTED = ("ipv4Address", "ipv6Address", "ipv6Network", "status")
 
 HCLOUD_GET_SSH_KEYS = "hcloud:index/getSshKeys:getSshKeys"
+HCLOUD_GET_SERVER_TYPE = "hcloud:index/getServerType:getServerType"
 
 SYMBOLS = {"create": "+", "update": "~", "replace": "+-", "delete": "-", "same": " "}
 
@@ -326,6 +327,11 @@ class LocalEngine(pulumi_mocks.Mocks):
                 count = "no" if not matches else "more than one"
                 raise UpFailed(f"getSshKey: {count} SSH key found for {wanted or selector!r}")
             return {**self._ssh_key_outputs(matches[0]), "selector": selector, "withSelector": selector}, []
+        if args.token == HCLOUD_GET_SERVER_TYPE:
+            st = self.hcloud.server_types.get_by_name(str(args.args.get("name")))
+            if st is None:
+                raise UpFailed(f"getServerType: no server type named {args.args.get('name')!r}")
+            return {"id": st.id, "name": st.name, "architecture": st.architecture, "cores": st.cores}, []
         raise UpFailed(f"unsupported invoke {args.token}")
 
     @staticmethod

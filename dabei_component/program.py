@@ -3,10 +3,12 @@
 `__main__.py` calls `main()` under `pulumi up`; the demo runs `declare()` through the local engine.
 Stack config (namespace `nix-dabei`):
 
-    nix-dabei:image:      {flake: <flake ref>, attr: <output attribute>, nixArgs: [..]}
+    nix-dabei:image:      {flake: <flake ref>, attr: <output attribute, may hold {system}>,
+                           attrs: {<system>: <output attribute>}, nixArgs: [..]}
     nix-dabei:hosts:      [{name, serverType, location, flake, sshKeys, labels, firewallIds, disk, reinstall}]
     nix-dabei:deadlines:  {rescue: s, install: s, firstboot: s}
     nix-dabei:sshPort:    22 (only for the local simulator)
+    nix-dabei:evaluate:   true (false: do not evaluate the hosts' systems at preview)
     hcloud:token:         secret
 """
 
@@ -137,7 +139,12 @@ def config_key(prop: str, ns: str = "nix-dabei") -> str:
 
 
 def fleet_args_from_config(
-    image: Any, hosts: Any, deadlines: Any = None, ssh_port: Any = None, ns: str = "nix-dabei"
+    image: Any,
+    hosts: Any,
+    deadlines: Any = None,
+    ssh_port: Any = None,
+    ns: str = "nix-dabei",
+    evaluate: Any = None,
 ) -> FleetArgs:
     """Build typed args from stack config values, naming the config key of every wrong value.
 
@@ -146,14 +153,15 @@ def fleet_args_from_config(
     `sshPort` as digit strings, deadlines as numeric strings. Raises InvalidArgs listing every problem."""
     problems: Problems = []
     if not isinstance(image, dict):
-        problems.append((f"{ns}:image", "expected an object {flake, attr, nixArgs}"))
+        problems.append((f"{ns}:image", "expected an object {flake, attr, attrs, nixArgs}"))
         image = {}
-    unknown = set(image) - {"flake", "attr", "nixArgs"}
+    unknown = set(image) - {"flake", "attr", "attrs", "nixArgs"}
     problems += [(f"{ns}:image.{k}", "unknown key") for k in sorted(unknown)]
     image_args = ImageArgs(
         flake=_text(f"{ns}:image.flake", image.get("flake"), problems),
-        attr=_text(f"{ns}:image.attr", image.get("attr", "packages.x86_64-linux.image"), problems),
+        attr=_text(f"{ns}:image.attr", image.get("attr", "packages.{system}.image"), problems),
         nix_args=_list(f"{ns}:image.nixArgs", image.get("nixArgs", []), problems, _word),
+        attrs=_image_attrs(f"{ns}:image.attrs", image.get("attrs", {}), problems),
     )
     host_args = []
     if not isinstance(hosts, list) or not hosts:
@@ -181,9 +189,32 @@ def fleet_args_from_config(
                 if k in deadlines:
                     setattr(dl, k, _seconds(f"{ns}:deadlines.{k}", deadlines[k], problems))
     port = 22 if ssh_port is None else _port(f"{ns}:sshPort", ssh_port, problems)
+    evaluate_systems = True if evaluate is None else _bool(f"{ns}:evaluate", evaluate, problems)
     if problems:
         raise InvalidArgs(problems)
-    return FleetArgs(hosts=host_args, image=image_args, deadlines=dl, ssh_port=port)
+    return FleetArgs(hosts=host_args, image=image_args, deadlines=dl, ssh_port=port, evaluate=evaluate_systems)
+
+
+_SYSTEMS = ("x86_64-linux", "aarch64-linux")
+
+
+def _image_attrs(prop: str, value: Any, problems: Problems) -> dict[str, str]:
+    if not isinstance(value, dict):
+        problems.append((prop, f"expected a map of Nix system to output attribute, got {_typed_scalar(value)}"))
+        return {}
+    for system in value:
+        if system not in _SYSTEMS:
+            problems.append((f"{prop}.{system}", f"expected a system of Hetzner's servers: {', '.join(_SYSTEMS)}"))
+    return {k: _text(f"{prop}.{k}", v, problems) for k, v in value.items()}
+
+
+def _bool(prop: str, value: Any, problems: Problems) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    problems.append((prop, f"expected true or false, got {value!r}"))
+    return True
 
 
 def exports(fleet: Fleet) -> dict[str, Any]:
@@ -192,7 +223,8 @@ def exports(fleet: Fleet) -> dict[str, Any]:
         name: {"ipv4": host.ipv4, "ipv6": host.ipv6, "known_hosts": host.known_hosts, "system": host.system}
         for name, host in fleet.hosts.items()
     }
-    return {"image": fleet.image.out_path, "hosts": hosts}
+    images = {system: image.out_path for system, image in fleet.images.items()}
+    return {"image": fleet.image.out_path, "images": images, "hosts": hosts}
 
 
 def fleet(args: FleetArgs, name: str = "fleet") -> Fleet:
@@ -224,6 +256,7 @@ def main() -> None:
         cfg.require_object("hosts"),
         cfg.get_object("deadlines"),
         cfg.get("sshPort"),
+        evaluate=cfg.get_object("evaluate"),
     )
     for key, value in declare(args).items():
         pulumi.export(key, value)

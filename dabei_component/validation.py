@@ -17,7 +17,8 @@ from .keys import SUPPORTED_KEY_TYPES, PublicKey, parse_public_key, public_key_o
 Problem = tuple[str, str]
 
 _HOSTNAME_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_FLAKE_REF = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:[^\s#]+$|^[./][^\s#]*$")
+# A URL without spaces, or a path on the deployer (`.`, `./infra`, `/srv/my infra`: spaces allowed).
+_FLAKE_REF = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:[^\s#]+$|^[./][^#\n]*$")
 _LABEL_KEY = re.compile(r"^([a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?$")
 _DISK = re.compile(r"^/dev/(sd[a-z]+|vd[a-z]+|nvme\d+n\d+|disk/by-[a-z]+/[A-Za-z0-9._:-]+)$")

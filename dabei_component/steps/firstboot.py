@@ -1,18 +1,24 @@
 """Step 4, first boot: prove each installed host converged on its flake, or apply a new flake revision.
 
 The component connects with strict host-key checking against the key it generated for the host (it was in
-the seed), checks that the host booted since the rescue session (boot id), and polls `nix-dabei status`
-until the first-boot program reports `converged`, or fails with the status and the journal tail. A new
-flake revision for an installed host is applied in place with `nix-dabei apply`: the disk is not touched.
+the seed), sends the host its flake's locked source (`nix-dabei receive`; the host builds exactly that),
+checks that the host booted since the rescue session (boot id), and polls `nix-dabei status` until the
+first-boot program reports `converged`, or fails with the status and the journal tail. Converged, the host
+must run the system its flake evaluated to on the deployer (`system`), else the step fails naming both. A
+new system or flake for an installed host is applied in place with `nix-dabei apply`: the disk is not
+touched.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import shlex
+import tarfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import asyncssh
@@ -20,6 +26,7 @@ import pulumi
 
 from ..ssh import HostKeyMismatch, SshError, connect, run
 from .base import FleetStep, HostContext, HostError, secret_options
+from .install import host_flake
 from .rescue import wants_install
 
 _POLL_SECONDS = 1.0
@@ -37,19 +44,33 @@ def _failure(status: Mapping[str, Any]) -> str:
     return text
 
 
+def source_archive(path: str) -> bytes:
+    """A flake source (a store path on the deployer) as an uncompressed tar of its contents."""
+    if not Path(path).is_dir():
+        raise HostError(f"the flake source {path} is not in this machine's Nix store any more: run `up` again")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for entry in sorted(Path(path).iterdir()):
+            archive.add(entry, arcname=entry.name)
+    return buffer.getvalue()
+
+
 class FirstBootProvider(FleetStep):
     step = "firstboot"
     # What the program decides: a (re)installed server or a new flake. What the install step recorded
     # (installed image, rescue boot id) is read, not compared: a preview does not know it yet.
-    host_fields = ("server_id", "reinstall", "flake")
+    # `system`: the store path the host's flake evaluates to (the hosts a commit changes, and only those);
+    # `source`: the flake source's hash, given instead when evaluation is off.
+    host_fields = ("server_id", "reinstall", "flake", "system", "source")
     upstream = "installed"
 
     def wants_action(self, name: str, old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
-        """A host (re)installed by the install step, a new flake, or drift that a refresh recorded."""
+        """A host (re)installed by the install step, a new flake, system or (evaluation off) source, or drift
+        that a refresh recorded."""
         if wants_install(old, new):
             return True
         assert old is not None
-        return bool(old.get("drift")) or old.get("flake") != new.get("flake")
+        return bool(old.get("drift")) or any(old.get(f) != new.get(f) for f in ("flake", "system", "source"))
 
     secret_inputs = ("deploy_private_key",)
 
@@ -116,7 +137,7 @@ class FirstBootProvider(FleetStep):
                     return status
                 if phase == "failed" and first_read:
                     ctx.log(f"the first boot had failed ({st.get('last_error')}); running the rebuild again")
-                    await self._apply(ctx, conn, host["flake"])
+                    await self._apply(ctx, conn, host["host_ref"])
                 elif phase == "failed":
                     raise HostError(_failure(status))
                 elif ctx.remaining() < _POLL_SECONDS:
@@ -128,26 +149,56 @@ class FirstBootProvider(FleetStep):
             if conn is not None:
                 conn.close()
 
+    async def _send_source(
+        self, ctx: HostContext, conn: asyncssh.SSHClientConnection, source: Mapping[str, Any]
+    ) -> None:
+        """`nix-dabei receive`: the locked source into the host's flakes directory (kept if already there)."""
+        source_id = str(source["host_ref"]).split("/")[-1].split("?")[0]
+        archive = await asyncio.to_thread(source_archive, str(source["path"]))
+        done = await run(
+            conn,
+            f"nix-dabei receive --source {shlex.quote(source_id)}",
+            input=archive,
+            timeout=max(1.0, ctx.remaining()),
+            check=False,
+        )
+        if done.exit_status != 0:
+            raise HostError(f"sending the flake source {source['url']} failed: {done.stderr.strip()[-500:]}")
+        ctx.log(f"flake source {source['url']} sent ({len(archive)} bytes)")
+
     async def apply_host(self, ctx: HostContext, host: dict[str, Any], props: dict[str, Any]) -> dict[str, Any]:
         deploy_key = props["deploy_private_key"]
         old = ctx.old
+        sources = props.get("sources") or {}
+        host = {**host, "host_ref": host_flake(host, sources)}
         in_place = (
             old is not None
             and old.get("system")
             and all(old.get(f) == host.get(f) for f in ("server_id", "installed_image", "rescue_boot_id"))
         )
-        if in_place:
-            ctx.log(f"applying flake {host['flake']} in place")
+        source = sources.get(host["flake"])
+        if source or in_place:
             conn = await self._connect(ctx, host, deploy_key, ctx.deadline)
             with contextlib.closing(conn):
-                await self._apply(ctx, conn, host["flake"])
+                if source:
+                    await self._send_source(ctx, conn, source)
+                if in_place:
+                    ctx.log(f"applying flake {host['flake']} in place")
+                    await self._apply(ctx, conn, host["host_ref"])
         status = await self._wait_converged(ctx, host, deploy_key)
         st = status["status"]
-        if st.get("flake") and st["flake"] != host["flake"]:
-            raise HostError(f"the host converged on flake {st['flake']!r}, not {host['flake']!r}")
-        ctx.log(f"converged on {status.get('system')}")
+        if st.get("flake") and st["flake"] != host["host_ref"]:
+            raise HostError(f"the host converged on flake {st['flake']!r}, not {host['host_ref']!r}")
+        expected, running = host.get("system"), status.get("system")
+        if expected and running != expected:
+            raise HostError(
+                f"the host runs {running}, not {expected} that its flake {host['flake']} evaluates to on the deployer"
+            )
+        ctx.log(f"converged on {running}")
         return {
-            "system": status.get("system"),
+            "system": running,
+            "host_ref": host["host_ref"],
+            "source_url": source["url"] if source else None,
             "boot_id": status.get("boot_id"),
             "converged_at": st.get("finished_at"),
             "drift": None,
@@ -171,7 +222,7 @@ class FirstBootProvider(FleetStep):
         drift = None
         if st.get("phase") != "converged":
             drift = f"first-boot phase is {st.get('phase')!r}"
-        elif st.get("flake") != host.get("flake"):
+        elif st.get("flake") != host.get("host_ref", host.get("flake")):
             drift = f"the host runs flake {st.get('flake')!r}"
         elif host.get("system") and system != host["system"]:
             drift = f"the host runs {system}, not {host['system']} it converged to"
@@ -186,6 +237,7 @@ class FirstBoot(pulumi.dynamic.Resource):
         name: str,
         hosts: pulumi.Input[dict[str, Any]],
         installed: pulumi.Input[dict[str, Any]],
+        sources: pulumi.Input[dict[str, Any]],
         deploy_private_key: pulumi.Input[str],
         deadline_seconds: pulumi.Input[float],
         opts: pulumi.ResourceOptions | None = None,
@@ -193,6 +245,7 @@ class FirstBoot(pulumi.dynamic.Resource):
         props = {
             "hosts": hosts,
             "installed": installed,
+            "sources": sources,
             "deploy_private_key": deploy_private_key,
             "deadline_seconds": deadline_seconds,
         }

@@ -7,6 +7,7 @@ decides everything downstream: the cache key, what each host has installed, whet
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -32,8 +33,10 @@ _FLAKE_REF = re.compile(r"^[A-Za-z0-9+._~:/?=&%@-]+$")
 _ATTR_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_'-]*(\.[A-Za-z_\"][A-Za-z0-9_'.\"-]*)*$")
 
 
-def _nix_eval_out_path(flake: str, attr: str, nix_args: list[str]) -> str:
-    cmd = ["nix", *NIX_FEATURES, "eval", "--raw", *nix_args, f"{flake}#{attr}.outPath"]
+def _nix_eval_out_path(flake: str, attr: str, nix_args: list[str]) -> tuple[str, str | None]:
+    """The output's store path and the Nix system it is built for (its derivation's `system`)."""
+    apply = "d: { out = d.outPath; system = d.system or null; }"
+    cmd = ["nix", *NIX_FEATURES, "eval", "--json", *nix_args, f"{flake}#{attr}", "--apply", apply]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     except FileNotFoundError:
@@ -41,7 +44,11 @@ def _nix_eval_out_path(flake: str, attr: str, nix_args: list[str]) -> str:
     if done.returncode != 0:
         tail = "\n".join(done.stderr.strip().splitlines()[-5:])
         raise ValueError(f"cannot evaluate {flake}#{attr}: {tail}")
-    return done.stdout.strip()
+    try:
+        found = json.loads(done.stdout)
+        return str(found["out"]), found.get("system")
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"cannot evaluate {flake}#{attr}: not a derivation: {done.stdout[:200]}") from None
 
 
 def default_cache_dir() -> Path:
@@ -80,12 +87,23 @@ class ImageProvider(ResourceProvider):
         failures = check_image_inputs(news)
         if not failures:
             try:
-                news = {
-                    **news,
-                    "out_path": _nix_eval_out_path(news["flake"], news["attr"], news.get("nix_args") or []),
-                }
+                out_path, built_for = _nix_eval_out_path(news["flake"], news["attr"], news.get("nix_args") or [])
+                news = {**news, "out_path": out_path}
             except ValueError as exc:
                 failures.append(CheckFailure("attr", str(exc)))
+            else:
+                wanted = news.get("system")
+                if isinstance(wanted, str) and built_for != wanted:
+                    hosts = ", ".join(news.get("for_hosts") or []) or "its hosts"
+                    failures.append(
+                        CheckFailure(
+                            "attr",
+                            f"{hosts} need an image for {wanted}, but {news['flake']}#{news['attr']} is built "
+                            f"for {built_for}: it would not boot there (x86_64 boots by BIOS on CX/CPX/CCX, "
+                            f"aarch64 by UEFI on CAX); name the {wanted} image in image.attr ({{system}}) or "
+                            f"image.attrs",
+                        )
+                    )
         return CheckResult(news, failures)
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
@@ -137,6 +155,7 @@ class Image(pulumi.dynamic.Resource):
     compressed_sha256: pulumi.Output[str]
     seed_offset: pulumi.Output[int]
     seed_size: pulumi.Output[int]
+    system: pulumi.Output[str]
 
     def __init__(
         self,
@@ -145,9 +164,15 @@ class Image(pulumi.dynamic.Resource):
         attr: pulumi.Input[str],
         nix_args: pulumi.Input[list[str]] | None = None,
         cache_dir: pulumi.Input[str] | None = None,
+        system: str | None = None,
+        for_hosts: list[str] | None = None,
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
         props = {
+            # The Nix system the hosts using this image need (checked against the output's), and those
+            # hosts, named in the refusal.
+            "system": system,
+            "for_hosts": for_hosts or [],
             "flake": flake,
             "attr": attr,
             "nix_args": nix_args or [],

@@ -45,9 +45,18 @@ def _size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def seed_document(host: Mapping[str, Any], private_key: str) -> dict[str, Any]:
+def host_flake(host: Mapping[str, Any], sources: Mapping[str, Any] | None) -> str:
+    """The flake reference the host builds: its locked source as sent by the first-boot step (`sources`,
+    by the flake's text in the config), else the flake as given (a stack recorded before sources)."""
+    source = (sources or {}).get(host["flake"])
+    return str(source["host_ref"]) if source else str(host["flake"])
+
+
+def seed_document(
+    host: Mapping[str, Any], private_key: str, sources: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     return {
-        "flake": host["flake"],
+        "flake": host_flake(host, sources),
         "hostname": host["hostname"],
         "host_key": {"type": "ssh-ed25519", "private": private_key, "public": host["host_public_key"]},
         "authorized_keys": list(host["authorized_keys"]),
@@ -152,7 +161,11 @@ class InstallProvider(FleetStep):
             session.conn.close()
 
     async def apply_host(self, ctx: HostContext, host: dict[str, Any], props: dict[str, Any]) -> dict[str, Any]:
-        image = props["image"]
+        # The image of the host's Nix system (a stack recorded before images per system has one image).
+        images = props.get("images") or {"x86_64-linux": props.get("image")}
+        image = images.get(host.get("platform") or "x86_64-linux")
+        if not image:
+            raise HostError(f"no image for the host's system {host.get('platform')!r}")
         try:
             # An action left running by an earlier, interrupted run (a reset into the written disk) decides
             # what the server runs: look at the host only once it has ended.
@@ -163,7 +176,8 @@ class InstallProvider(FleetStep):
             ctx.log("already installed (the host answers with its generated key); not writing again")
             return {"installed_image": host["image"]}
         prepared = await asyncio.to_thread(ensure_prepared, image)
-        seed = encode_seed(seed_document(host, props["host_private_keys"][ctx.name]), as_int(image["seed_size"]))
+        seed_doc = seed_document(host, props["host_private_keys"][ctx.name], props.get("sources"))
+        seed = encode_seed(seed_doc, as_int(image["seed_size"]))
         pin: tuple[str, int] | None = None
         if host.get("rescue_host_key") and host.get("rescue_action_id") is not None:
             pin = (host["rescue_host_key"], as_int(host["rescue_action_id"]))
@@ -208,7 +222,8 @@ class Install(pulumi.dynamic.Resource):
         name: str,
         hosts: pulumi.Input[dict[str, Any]],
         rescued: pulumi.Input[dict[str, Any]],
-        image: pulumi.Input[dict[str, Any]],
+        images: pulumi.Input[Mapping[str, pulumi.Input[dict[str, Any]]]],
+        sources: pulumi.Input[dict[str, Any]],
         rescue_ssh_key_ids: pulumi.Input[list[Any]],
         deploy_private_key: pulumi.Input[str],
         host_private_keys: pulumi.Input[Mapping[str, pulumi.Input[str]]],
@@ -218,7 +233,8 @@ class Install(pulumi.dynamic.Resource):
         props = {
             "hosts": hosts,
             "rescued": rescued,
-            "image": image,
+            "images": images,
+            "sources": sources,
             "rescue_ssh_key_ids": rescue_ssh_key_ids,
             "deploy_private_key": deploy_private_key,
             "host_private_keys": host_private_keys,

@@ -277,7 +277,8 @@ def cmd_receive(config: Config, log: Log, source_id: str) -> int:
         return 2
     target = config.path(f"{FLAKES_DIR}/{source_id}")
     if target.is_dir():
-        shutil.copyfileobj(sys.stdin.buffer, open(os.devnull, "wb"))
+        while sys.stdin.buffer.read(1 << 20):  # already here: the same content, by its id
+            pass
         print(json.dumps({"received": source_id, "new": False}))
         return 0
     partial = target.with_name(f".{source_id}.tmp-{os.getpid()}")
