@@ -67,6 +67,8 @@ def is_local_path(ref: str) -> bool:
 
 def _nix(args: list[str], nix_args: list[str], cwd: str) -> str:
     command = ["nix", *NIX_FEATURES, *args, *nix_args]
+    if not Path(cwd).is_dir():
+        raise FlakeError(f"the directory {cwd} does not exist")
     try:
         done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=_NIX_SECONDS, check=False)
     except FileNotFoundError:
@@ -138,4 +140,4 @@ def project_dir() -> str:
         root = pulumi.get_root_directory()
     except Exception:  # older SDKs, mocks: the program runs in the project's directory
         root = ""
-    return root or os.getcwd()
+    return root if root and Path(root).is_dir() else os.getcwd()
