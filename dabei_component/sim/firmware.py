@@ -30,7 +30,8 @@ def _marker_at(disk: Path, offset: int) -> str | None:
         head = f.read(len(MARKER) + 16)
     if not head.startswith(MARKER):
         return None
-    return head[len(MARKER) :].split(b"\x00", 1)[0].decode("ascii", errors="replace").strip() or None
+    words = head[len(MARKER) :].split(b"\x00", 1)[0].split()
+    return words[0].decode("ascii", errors="replace") if words else None
 
 
 def boot_loader(disk: Path) -> str | None:

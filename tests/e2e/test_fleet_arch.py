@@ -1,0 +1,198 @@
+"""Every user's fleet through the local engine: arm64 next to x86, local flakes, the exact system in the plan.
+
+The hosts' flakes are real flakes (copies of the fixture flake, one file per host) locked and evaluated on
+the deployer; the simulated hosts receive the locked source and build it with the real `nix build`, so
+the system a host runs is proven equal to the one the preview named.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hcloud import Client
+
+from dabei_component.component import Deadlines, FleetArgs
+from dabei_component.demo import FIXTURE_FLAKE, SimHandle, demo_args, write_fixture_flake
+from dabei_component.imaging import NIX_FEATURES, OFFLINE_NIX_ARGS
+from dabei_component.localup import DYNAMIC, LocalEngine, UpFailed
+from dabei_component.program import declare
+from dabei_component.sim.client import ControlClient
+from dabei_component.sim.firmware import boot_loader
+
+pytestmark = pytest.mark.timeout(600)
+
+UPDATE, CREATE = "update", "create"
+
+
+def preview(engine: LocalEngine, args: FleetArgs, name: str) -> dict[str, tuple[str, tuple[str, ...]]]:
+    plan = engine.preview(lambda: declare(args, name=name))
+    print(plan.render())
+    return plan.changes()
+
+
+def up(engine: LocalEngine, args: FleetArgs, name: str) -> dict[str, Any]:
+    outputs = engine.up(lambda: declare(args, name=name))
+    assert engine.last_plan.changes().keys() == engine.last_preview.changes().keys()
+    return outputs
+
+
+def step_hosts(engine: LocalEngine, name: str, step: str) -> dict[str, Any]:
+    return engine.state[f"{DYNAMIC}::{name}-{step}"].outputs["hosts"]
+
+
+def servers_named(sim: SimHandle, prefix: str) -> list[str]:
+    client = Client(token=sim.token, api_endpoint=sim.endpoint)
+    return sorted(s.name for s in client.servers.get_all() if s.name.startswith(prefix))
+
+
+def evaluated(flake_dir: Path, host: str) -> str:
+    """The host's toplevel as Nix evaluates it from the directory, independently of the component."""
+    attr = f"nixosConfigurations.{host}.config.system.build.toplevel.outPath"
+    cmd = ["nix", *NIX_FEATURES, "eval", "--raw", *OFFLINE_NIX_ARGS, f"{attr}"]
+    done = subprocess.run([*cmd[:-1], f".#{attr}"], cwd=flake_dir, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def git_flake(directory: Path, hosts: dict[str, str]) -> Path:
+    """The fixture flake with these hosts, committed in a git repository (what a user's repo looks like)."""
+    write_fixture_flake(directory, hosts)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", "-C", str(directory)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "hosts"], check=True)
+    return directory
+
+
+def provider_log(engine: LocalEngine) -> str:
+    return Path(engine.server.log_path).read_text()
+
+
+def test_a_mixed_cx_and_cax_fleet_converges_with_two_images_each_built_once(
+    engine: LocalEngine, sim: SimHandle, control: ControlClient
+) -> None:
+    args = demo_args(2, ssh_port=sim.ssh_port, prefix="mx")
+    args.hosts[1].server_type = "cax11"
+    flake = write_fixture_flake(
+        Path(args.hosts[0].flake.removeprefix("path:")).with_name("mixed-arch"),
+        {"mx-1": "x86_64-linux", "mx-2": "aarch64-linux"},
+    )
+    for host in args.hosts:
+        host.flake = f"path:{flake}"
+    args.deadlines = Deadlines(rescue=120, install=120, firstboot=120)
+    changes = preview(engine, args, "mx")
+    assert changes["mx-image"] == (CREATE, ()) and changes["mx-image-aarch64-linux"] == (CREATE, ())
+    outputs = up(engine, args, "mx")
+
+    built = [line for line in provider_log(engine).splitlines() if "image: building" in line]
+    assert len(built) == 2, built
+    assert any("packages.x86_64-linux.default" in b for b in built)
+    assert any("packages.aarch64-linux.default" in b for b in built)
+    installed = step_hosts(engine, "mx", "install")
+    assert installed["mx-1"]["installed_image"] == outputs["images"]["x86_64-linux"]
+    assert installed["mx-2"]["installed_image"] == outputs["images"]["aarch64-linux"]
+    assert outputs["images"]["x86_64-linux"] != outputs["images"]["aarch64-linux"]
+    for name, loader in (("mx-1", "i386-pc"), ("mx-2", "arm64-efi")):
+        machine = control.server(int(installed[name]["server_id"]))["machine"]
+        assert boot_loader(Path(machine["disk_path"])) == loader
+        assert outputs["hosts"][name]["system"] == evaluated(flake, name)
+    assert preview(engine, args, "mx") == {}
+
+
+def test_a_cax_host_given_only_an_x86_64_image_is_refused_at_preview_before_anything_is_written(
+    engine: LocalEngine, sim: SimHandle
+) -> None:
+    args = demo_args(1, ssh_port=sim.ssh_port, prefix="arm", server_type="cax11")
+    args.image.attr = "packages.x86_64-linux.default"
+    with pytest.raises(UpFailed) as refused:
+        preview(engine, args, "arm")
+    text = str(refused.value)
+    assert "arm-1 (cax11) need an image for aarch64-linux" in text
+    assert "packages.x86_64-linux.default is built for x86_64-linux" in text
+    with pytest.raises(UpFailed, match="need an image for aarch64-linux"):
+        engine.up(lambda: declare(args, name="arm"))
+    assert servers_named(sim, "arm-") == [], "up previews first: nothing is created, nothing written"
+
+
+def test_a_local_flake_in_a_git_repository_installs_and_an_edit_applies_on_that_host_only(
+    engine: LocalEngine, sim: SimHandle, tmp_path: Path
+) -> None:
+    # The flake lives in the Pulumi project's repository (`flake = "."`), in a directory with a space.
+    project = git_flake(tmp_path / "my infra", {"lf-1": "x86_64-linux", "lf-2": "x86_64-linux"})
+    args = demo_args(2, ssh_port=sim.ssh_port, prefix="lf")
+    for host in args.hosts:
+        host.flake = "."
+    args.base_dir = str(project)
+    outputs = up(engine, args, "lf")
+    booted = step_hosts(engine, "lf", "firstboot")
+    assert outputs["hosts"]["lf-1"]["system"] == evaluated(project, "lf-1")
+    assert booted["lf-1"]["source_url"].startswith("git+file://")
+    assert preview(engine, args, "lf") == {}
+
+    # An edit of one host's file (tracked by git, not committed: Nix reads the working tree).
+    before = evaluated(project, "lf-1")
+    (project / "hosts" / "lf-1.nix").write_text('{ system = "x86_64-linux"; motd = "edited"; }\n')
+    after = evaluated(project, "lf-1")
+    assert after != before
+    assert preview(engine, args, "lf") == {"lf-firstboot": (UPDATE, ("hosts.lf-1.system", "sources..nar_hash", "sources..host_ref", "sources..path", "sources..url"))}
+    up(engine, args, "lf")
+    now = step_hosts(engine, "lf", "firstboot")
+    assert now["lf-1"]["system"] == after
+    assert now["lf-1"]["boot_id"] == booted["lf-1"]["boot_id"], "applied in place"
+    assert now["lf-2"] == booted["lf-2"], "the other host is untouched"
+    assert preview(engine, args, "lf") == {}
+
+
+def test_a_relative_flake_directory_resolves_against_the_project(engine: LocalEngine, sim: SimHandle, tmp_path: Path) -> None:
+    write_fixture_flake(tmp_path / "infra", {"rel-1": "x86_64-linux"})
+    args = demo_args(1, ssh_port=sim.ssh_port, prefix="rel")
+    args.hosts[0].flake = "./infra"
+    args.base_dir = str(tmp_path)
+    outputs = up(engine, args, "rel")
+    assert outputs["hosts"]["rel-1"]["system"] == evaluated(tmp_path / "infra", "rel-1")
+    missing = demo_args(1, ssh_port=sim.ssh_port, prefix="rel")
+    missing.hosts[0].flake = "./nowhere"
+    missing.base_dir = str(tmp_path)
+    with pytest.raises(UpFailed, match=r"nix-dabei:hosts\[0\]\.flake: cannot lock|hosts\[0\]\.flake.*not a directory"):
+        preview(engine, missing, "rel")
+
+
+def test_with_evaluation_off_the_source_decides_and_the_systems_are_not_known(
+    engine: LocalEngine, sim: SimHandle, tmp_path: Path
+) -> None:
+    flake = write_fixture_flake(tmp_path / "infra", {"ev-1": "x86_64-linux", "ev-2": "x86_64-linux"})
+    args = demo_args(2, ssh_port=sim.ssh_port, prefix="ev")
+    for host in args.hosts:
+        host.flake = str(flake)
+    args.evaluate = False
+    up(engine, args, "ev")
+    rescue_inputs = engine.state[f"{DYNAMIC}::ev-rescue"].inputs["hosts"]
+    assert rescue_inputs["ev-1"]["system"] is None
+    (flake / "hosts" / "ev-1.nix").write_text('{ system = "x86_64-linux"; motd = "edited"; }\n')
+    changes = preview(engine, args, "ev")
+    op, paths = changes["ev-firstboot"]
+    assert op == UPDATE and {"hosts.ev-1.source", "hosts.ev-2.source"} <= set(paths)
+    up(engine, args, "ev")
+    assert step_hosts(engine, "ev", "firstboot")["ev-1"]["system"] == evaluated(flake, "ev-1")
+    assert preview(engine, args, "ev") == {}
+
+
+def test_the_simulated_firmware_does_not_boot_a_disk_for_the_other_architecture(tmp_path: Path) -> None:
+    """Why the preview must refuse: written anyway, an x86_64 image leaves a CAX server without a system."""
+    from dabei_component.sim.firmware import NotBootable, check_bootable
+
+    images = {}
+    for system in ("x86_64-linux", "aarch64-linux"):
+        cmd = ["nix", *NIX_FEATURES, "build", "--no-link", "--json", *OFFLINE_NIX_ARGS]
+        cmd += ["--option", "extra-platforms", "aarch64-linux", f"path:{FIXTURE_FLAKE}#packages.{system}.default"]
+        out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)[0]["outputs"]["out"]
+        images[system] = Path(out) / "nixos.img"
+    check_bootable(images["x86_64-linux"], "x86")
+    check_bootable(images["aarch64-linux"], "arm")
+    with pytest.raises(NotBootable, match="boot loader is for i386-pc, this arm server's firmware boots arm64-efi"):
+        check_bootable(images["x86_64-linux"], "arm")
+    with pytest.raises(NotBootable, match="for arm64-efi, this x86 server's firmware boots i386-pc"):
+        check_bootable(images["aarch64-linux"], "x86")
