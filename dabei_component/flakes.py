@@ -91,9 +91,7 @@ def lock(ref: str, base_dir: str, nix_args: list[str] | tuple[str, ...] = ()) ->
             raise FlakeError(f"{ref!r} is not a directory (resolved against {base_dir}: {directory})")
         if not (directory / "flake.nix").is_file():
             raise FlakeError(f"{directory} holds no flake.nix")
-        # Nix takes a path as `.` from its own directory, spaces and all (an absolute path with a space is
-        # "not a valid URL" to Nix 2.8); a directory inside a git repository is still read through git.
-        cwd, arg = str(directory), "."
+        cwd, arg = _path_ref(directory)
     try:
         meta = json.loads(_nix(["flake", "metadata", "--json", arg], list(nix_args), cwd))
         return LockedFlake(url=str(meta["url"]), nar_hash=str(meta["locked"]["narHash"]), path=str(meta["path"]))
@@ -101,6 +99,19 @@ def lock(ref: str, base_dir: str, nix_args: list[str] | tuple[str, ...] = ()) ->
         raise FlakeError(f"cannot lock flake {ref!r}: {exc}") from None
     except (ValueError, KeyError, TypeError):
         raise FlakeError(f"cannot lock flake {ref!r}: `nix flake metadata --json` answered no locked source") from None
+
+
+def _path_ref(directory: Path) -> tuple[str, str]:
+    """How Nix reads a flake directory, as (working directory, reference): through git when it is inside a
+    repository (as Nix does for a path: tracked files only, the working tree as it is), else as a path.
+    Spelled out because Nix 2.8 refuses a path with a space ("is not a valid URL") unless percent-encoded
+    in a `git+file:` URL, or given as `.` from the directory itself."""
+    for parent in (directory, *directory.parents):
+        if (parent / ".git").exists():
+            sub = directory.relative_to(parent).as_posix()
+            query = f"?dir={quote(sub)}" if sub != "." else ""
+            return str(directory), f"git+file://{quote(str(parent))}{query}"
+    return str(directory), "."
 
 
 def _nix_string(text: str) -> str:
