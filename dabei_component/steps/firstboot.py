@@ -70,7 +70,10 @@ class FirstBootProvider(FleetStep):
         if wants_install(old, new):
             return True
         assert old is not None
-        return bool(old.get("drift")) or any(old.get(f) != new.get(f) for f in ("flake", "system", "source"))
+        if old.get("drift") or any(old.get(f) != new.get(f) for f in ("flake", "source")):
+            return True
+        # The recorded system is what the host ran at convergence; no expected one: evaluation is off.
+        return new.get("system") is not None and old.get("system") != new.get("system")
 
     secret_inputs = ("deploy_private_key",)
 
