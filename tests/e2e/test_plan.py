@@ -18,7 +18,7 @@ from dabei_firstboot.config import HOST_KEY
 from hcloud import Client
 
 from dabei_component.component import FleetArgs
-from dabei_component.demo import FIXTURE_FLAKE, SimHandle, demo_args
+from dabei_component.demo import FIXTURE_FLAKE, SimHandle, demo_args, write_fixture_flake
 from dabei_component.keys import generate_ssh_keypair
 from dabei_component.localup import DYNAMIC, HCLOUD_SERVER, LocalEngine, Plan, generated_keys
 from dabei_component.program import declare
@@ -122,12 +122,15 @@ def test_a_removed_host_previews_its_deletion_and_up_deletes_its_server(engine: 
 
 
 def test_a_new_flake_revision_previews_on_first_boot_only_and_applies_in_place(
-    engine: LocalEngine, sim: SimHandle
+    engine: LocalEngine, sim: SimHandle, tmp_path: Path
 ) -> None:
     up(engine, fleet(sim, "fl"), "fl")
     before = step_hosts(engine, "fl", "firstboot")
-    changed = fleet(sim, "fl", flake="github:example/infra?rev=2")
-    assert preview(engine, changed, "fl") == {"fl-firstboot": (UPDATE, ("hosts.fl-1.flake",))}
+    other = write_fixture_flake(tmp_path / "other", {"fl-1": {"system": "x86_64-linux", "motd": "other"}})
+    changed = fleet(sim, "fl", flake=str(other))
+    op, paths = preview(engine, changed, "fl")["fl-firstboot"]
+    assert op == UPDATE and {"hosts.fl-1.flake", "hosts.fl-1.system"} <= set(paths)
+    assert not any(p.startswith("hosts.fl-2") for p in paths)
     up(engine, changed, "fl")
     after = step_hosts(engine, "fl", "firstboot")
     assert after["fl-1"]["boot_id"] == before["fl-1"]["boot_id"], "applied in place, no reboot"

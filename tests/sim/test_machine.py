@@ -18,8 +18,9 @@ import yaml
 from aiohttp import web
 from dabei_firstboot.seed import PARTITION_NAME, SeedEmpty, read_seed, write_seed
 
+from dabei_component.demo import write_fixture_flake
 from dabei_component.sim.client import free_port
-from dabei_component.sim.fake_rebuild import system_path
+from dabei_component.sim.fake_rebuild import SIM_STATE
 from dabei_component.sim.machine import Machine, MachineSpec, SshFaults
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
@@ -433,7 +434,10 @@ async def test_installed_system_applies_the_seed_and_converges(installed: Machin
     host_key = asyncssh.generate_private_key("ssh-ed25519")
     known_hosts = asyncssh.import_known_hosts(f"{installed.spec.ipv4} {public_line(host_key)}\n")
     partition_disk(installed.disk_path)
-    flake = "github:example/fleet?rev=0123abcd"
+    # The host's flake on its own disk, where the simulator keeps its records (they survive a reinstall).
+    flake = f"path:/{SIM_STATE}/fleet"
+    for suffix in ("", "-2"):
+        write_fixture_flake(installed.rootfs / f"{SIM_STATE}/fleet{suffix}", {"web-1": "x86_64-linux"})
     write_seed(installed.disk_path, seed_doc(host_key, client_key, flake))
 
     await installed.boot_disk()
@@ -444,7 +448,9 @@ async def test_installed_system_applies_the_seed_and_converges(installed: Machin
     status = await wait_for_phase(installed, client_key, known_hosts, {"converged", "failed"})
     assert status["status"]["phase"] == "converged", status
     assert status["boot_id"] == installed.boot_id
-    assert status["system"] == system_path(flake, "web-1")
+    system = status["system"]
+    assert system.startswith("/nix/store/") and system.endswith("-nixos-system-web-1")
+    assert (Path(system) / "settings.json").is_file(), "built by the real nix build"
     rebuilds = (installed.rootfs / "var/lib/nix-dabei-sim/rebuilds.log").read_text().splitlines()
     assert rebuilds == [flake]
     with pytest.raises(SeedEmpty):
@@ -489,3 +495,39 @@ async def test_failing_rebuilds_are_reported(installed: Machine, client_key: asy
     assert "simulated failure" in (status["journal"] or "")
     assert status["system"] is None
     assert int(fail_counter.read_text()) == 1000 - status["status"]["attempt"]
+
+
+async def test_a_cax_server_does_not_boot_an_x86_64_image_as_the_hardware_would_not(
+    tmp_path: Path, client_key: asyncssh.SSHKey
+) -> None:
+    """Why the preview refuses the pair: written anyway, the disk boots nothing, and nobody answers."""
+    from dataclasses import replace
+
+    from dabei_component.demo import FIXTURE_FLAKE
+    from dabei_component.imaging import NIX_FEATURES, OFFLINE_NIX_ARGS
+
+    spec = replace(make_spec(tmp_path, name="arm-1"), architecture="arm")
+    arm = Machine(spec, ssh_port=free_port(spec.ipv4))
+    try:
+        arm.disk.ensure()
+        built = {}
+        for system in ("x86_64-linux", "aarch64-linux"):
+            cmd = ["nix", *NIX_FEATURES, "build", "--no-link", "--json", *OFFLINE_NIX_ARGS]
+            cmd += ["--option", "extra-platforms", "aarch64-linux", f"path:{FIXTURE_FLAKE}#packages.{system}.default"]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            built[system] = Path(json.loads(done.stdout)[0]["outputs"]["out"]) / "nixos.img"
+        image = built["x86_64-linux"].read_bytes()
+        with open(arm.disk_path, "r+b") as disk:
+            disk.write(image)
+        await arm.boot_disk()
+        error = arm.describe()["boot_error"]
+        assert "boot loader is for i386-pc" in error and "arm server's firmware boots arm64-efi" in error
+        with pytest.raises(ConnectionRefusedError):
+            await connect(arm, client_key)
+        # The aarch64 image gets past the firmware (to the installed system's own start-up).
+        with open(arm.disk_path, "r+b") as disk:
+            disk.write(built["aarch64-linux"].read_bytes())
+        await arm.boot_disk()
+        assert "firmware" not in (arm.describe()["boot_error"] or "")
+    finally:
+        await arm.destroy()
