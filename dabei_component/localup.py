@@ -83,10 +83,13 @@ def _known(value: Any) -> bool:
     return not rpc.contains_unknowns(value)
 
 
-def diff_paths(old: Any, new: Any, prefix: str = "") -> list[str]:
+def diff_paths(old: Any, new: Any, prefix: str = "", values: dict[str, tuple[Any, Any]] | None = None) -> list[str]:
     """Property paths at which `new` differs from `old`, as `pulumi preview --diff` names them
-    (`hosts.web-1.flake`, `sshKeys[0]`); a value not known yet differs."""
+    (`hosts.web-1.flake`, `sshKeys[0]`); a value not known yet differs. `values` collects (old, new) at
+    each path."""
+    values = {} if values is None else values
     if isinstance(new, Unknown):
+        values[prefix or "(all)"] = (old, new)
         return [prefix or "(all)"]
     if isinstance(old, Mapping) and isinstance(new, Mapping):
         paths: list[str] = []
@@ -96,12 +99,15 @@ def diff_paths(old: Any, new: Any, prefix: str = "") -> list[str]:
             sub = f"{prefix}.{key}" if prefix else str(key)
             if key not in old or key not in new:
                 paths.append(sub)
+                values[sub] = (old.get(key), new.get(key))
             else:
-                paths += diff_paths(old[key], new[key], sub)
+                paths += diff_paths(old[key], new[key], sub, values)
         return paths
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        return [p for i, (o, n) in enumerate(zip(old, new, strict=True)) for p in diff_paths(o, n, f"{prefix}[{i}]")]
+        pairs = enumerate(zip(old, new, strict=True))
+        return [p for i, (o, n) in pairs for p in diff_paths(o, n, f"{prefix}[{i}]", values)]
     if old != new:
+        values[prefix or "(all)"] = (old, new)
         return [prefix or "(all)"]
     return []
 
@@ -145,6 +151,14 @@ class Change:
     op: str  # create, update, replace, delete, same
     key: str
     paths: tuple[str, ...] = ()
+    # (old, new) at each path, for `diff()`.
+    values: dict[str, tuple[Any, Any]] = field(default_factory=dict, compare=False, repr=False)
+
+    def diff(self) -> list[str]:
+        """`pulumi preview --diff` lines of an update: `hosts.web-1.system: /nix/store/a… => /nix/store/b…`."""
+        return [
+            f"{p}: {_shown(self.values[p][0])} => {_shown(self.values[p][1])}" for p in self.paths if p in self.values
+        ]
 
     @property
     def type(self) -> str:
@@ -157,6 +171,12 @@ class Change:
     def __str__(self) -> str:
         text = f"{SYMBOLS[self.op]} {self.type} {self.name}"
         return text + (f"  [{', '.join(self.paths)}]" if self.paths else "")
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, Unknown):
+        return "output<string>"
+    return "(none)" if value is None else str(value)
 
 
 class Plan(list[Change]):
@@ -347,9 +367,16 @@ class LocalEngine(pulumi_mocks.Mocks):
 
     # -- recording ---------------------------------------------------------------------------------
 
-    def _step(self, key: str, rec: Recorded, op: str, paths: tuple[str, ...] | list[str]) -> None:
+    def _step(
+        self,
+        key: str,
+        rec: Recorded,
+        op: str,
+        paths: tuple[str, ...] | list[str],
+        values: dict[str, tuple[Any, Any]] | None = None,
+    ) -> None:
         with self._lock:
-            self._plan.append(Change(op, key, tuple(paths)))
+            self._plan.append(Change(op, key, tuple(paths), values or {}))
             if not self._preview:
                 self._working[key] = rec
                 self.state[key] = rec
@@ -368,6 +395,7 @@ class LocalEngine(pulumi_mocks.Mocks):
         news = _unwrap_secrets(rec.inputs)
         urn = self._urn(key)
         checked = self.server.check(urn, old.inputs if old else {}, news)
+        values: dict[str, tuple[Any, Any]] = {}
         if checked.failures:
             raise UpFailed("; ".join(f"{p}: {r}" for p, r in checked.failures))
         rec.inputs = checked.inputs
@@ -381,7 +409,7 @@ class LocalEngine(pulumi_mocks.Mocks):
                 self._step(key, rec, "same", ())
                 return "same", rec
             op = "replace" if diffed.replaces else "update"
-            paths = tuple(diff_paths(old.inputs, checked.inputs) or _drift_paths(old.outputs))
+            paths = tuple(diff_paths(old.inputs, checked.inputs, values=values) or _drift_paths(old.outputs))
         if self._preview:
             # Providers that do not preview hand back their inputs as outputs (provider_plugin.go).
             rec.id, rec.outputs = (old.id if old else ""), checked.inputs
@@ -389,7 +417,7 @@ class LocalEngine(pulumi_mocks.Mocks):
             rec.id, rec.outputs = self.server.create(urn, checked.inputs)
         else:
             rec.id, rec.outputs = old.id, self.server.update(urn, old.id, old.outputs, checked.inputs)
-        self._step(key, rec, op, paths)
+        self._step(key, rec, op, paths, values)
         return op, rec
 
     # -- pulumi-hcloud stand-ins -------------------------------------------------------------------

@@ -6,7 +6,9 @@ and points `<root>/run/current-system` at the result, so the system a host runs 
 builds. A `path:` reference to a directory of the simulated host (a flake source the deployer sent) is
 read under `--root`. It records the flake reference in `<root>/var/lib/nix-dabei-sim/rebuilds.log`. Tests
 make rebuilds fail by writing a number N into `<root>/var/lib/nix-dabei-sim/fail-rebuilds` (the next N
-rebuilds fail), or `always`. `--seconds S` makes each rebuild take S seconds more (a build waiting on
+rebuilds fail), or `always`, and make a switch end in another system than the flake's by writing its store
+path into `<root>/var/lib/nix-dabei-sim/switch-to` (what a host whose own settings differ from the
+deployer's evaluation does). `--seconds S` makes each rebuild take S seconds more (a build waiting on
 downloads), so benchmarks can give the rebuild a realistic share of an installation.
 """
 
@@ -94,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
+    switch_to = state / "switch-to"
+    if switch_to.is_file():
+        system = switch_to.read_text().strip()
     current = args.root / "run/current-system"
     current.parent.mkdir(parents=True, exist_ok=True)
     tmp = current.with_name(f".current-system.{os.getpid()}")

@@ -143,7 +143,11 @@ def test_a_local_flake_in_a_git_repository_installs_and_an_edit_applies_on_that_
     assert after != before
     # Only the edited host's system, and the flake's source (its key in `sources` is the flake text `.`).
     source = tuple(f"sources...{f}" for f in ("host_ref", "nar_hash", "path", "url"))
-    assert preview(engine, args, "lf") == {"lf-firstboot": (UPDATE, ("hosts.lf-1.system", *source))}
+    plan = engine.preview(lambda: declare(args, name="lf"))
+    assert plan.changes() == {"lf-firstboot": (UPDATE, ("hosts.lf-1.system", *source))}
+    # The exact store paths, as `pulumi preview --diff` shows them.
+    [change] = [c for c in plan if c.name == "lf-firstboot"]
+    assert f"hosts.lf-1.system: {before} => {after}" in change.diff()
     up(engine, args, "lf")
     now = step_hosts(engine, "lf", "firstboot")
     assert now["lf-1"]["system"] == after
@@ -207,3 +211,28 @@ def test_the_simulated_firmware_does_not_boot_a_disk_for_the_other_architecture(
         check_bootable(images["x86_64-linux"], "arm")
     with pytest.raises(NotBootable, match="for arm64-efi, this x86 server's firmware boots i386-pc"):
         check_bootable(images["aarch64-linux"], "x86")
+
+
+def test_a_host_that_switches_to_another_system_than_the_preview_named_fails_naming_both(
+    engine: LocalEngine, sim: SimHandle, control: ControlClient, tmp_path: Path
+) -> None:
+    flake = write_fixture_flake(tmp_path / "infra", {"sw-1": "x86_64-linux"})
+    args = demo_args(1, ssh_port=sim.ssh_port, prefix="sw")
+    args.hosts[0].flake = str(flake)
+    args.deadlines = Deadlines(rescue=120, install=120, firstboot=120)
+    up(engine, args, "sw")
+    old_system = step_hosts(engine, "sw", "firstboot")["sw-1"]["system"]
+    # The host's switch ends in another system than its flake evaluates to on the deployer.
+    server_id = int(step_hosts(engine, "sw", "firstboot")["sw-1"]["server_id"])
+    root = Path(control.server(server_id)["machine"]["rootfs"])
+    (root / "var/lib/nix-dabei-sim/switch-to").write_text(old_system + "\n")
+    (flake / "hosts" / "sw-1.nix").write_text('{ system = "x86_64-linux"; motd = "edited"; }\n')
+    wanted = evaluated(flake, "sw-1")
+    with pytest.raises(UpFailed) as failed:
+        up(engine, args, "sw")
+    assert f"the host runs {old_system}, not {wanted}" in str(failed.value)
+    # Once the host switches to what its flake says, the next `up` converges.
+    (root / "var/lib/nix-dabei-sim/switch-to").unlink()
+    up(engine, args, "sw")
+    assert step_hosts(engine, "sw", "firstboot")["sw-1"]["system"] == wanted
+    assert preview(engine, args, "sw") == {}
