@@ -10,6 +10,7 @@ import pytest
 from pulumi.runtime.mocks import MockMonitor
 
 from dabei_component.component import Deadlines, Fleet, FleetArgs, HostArgs, ImageArgs, InvalidArgs
+from dabei_component.demo import demo_flake
 from dabei_component.keys import generate_ssh_keypair
 
 DEPLOY = generate_ssh_keypair()
@@ -51,6 +52,12 @@ class RecordingMocks(pulumi.runtime.Mocks):
 
     def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict[str, Any], list[Any]]:
         self.calls.append(args)
+        if args.token == "hcloud:index/getServerType:getServerType":
+            # The catalog's architecture of each type (GET /server_types): CX x86, CAX arm.
+            return {
+                "name": args.args["name"],
+                "architecture": "arm" if args.args["name"].startswith("cax") else "x86",
+            }, []
         assert args.token == "hcloud:index/getSshKeys:getSshKeys", args.token
         return {"id": "keys", "sshKeys": [PROJECT_KEY]}, []
 
@@ -59,9 +66,11 @@ class RecordingMocks(pulumi.runtime.Mocks):
 
 
 def fleet_args(**host_overrides: Any) -> FleetArgs:
+    # The hosts' flake is real: the program locks it and evaluates each host's system.
+    flake = demo_flake({"web-1": "x86_64-linux", "web-2": "aarch64-linux"})
     hosts = [
-        HostArgs(name="web-1", server_type="cx22", location="fsn1", flake="github:o/r", ssh_keys=["laptop", USER_KEY]),
-        HostArgs(name="web-2", server_type="cax11", location="nbg1", flake="github:o/r", reinstall="never"),
+        HostArgs(name="web-1", server_type="cx22", location="fsn1", flake=flake, ssh_keys=["laptop", USER_KEY]),
+        HostArgs(name="web-2", server_type="cax11", location="nbg1", flake=flake, reinstall="never"),
     ]
     for k, v in host_overrides.items():
         setattr(hosts[0], k, v)
@@ -109,6 +118,7 @@ def test_resource_graph_types_and_parents() -> None:
     assert dynamic == [
         "prod-firstboot",
         "prod-image",
+        "prod-image-aarch64-linux",
         "prod-install",
         "prod-keys",
         "prod-rescue",
@@ -142,10 +152,23 @@ def test_host_steps_get_every_host_in_one_resource() -> None:
     assert web1["authorized_keys"] == [DEPLOY.public, LAPTOP.public, USER_KEY]
     assert rescue["hosts"]["web-2"]["reinstall"] == "never"
     assert rescue["rescue_ssh_key_ids"] == [99]
-    # One read of the project's keys for the whole fleet.
-    assert [c.token for c in mocks.calls] == ["hcloud:index/getSshKeys:getSshKeys"]
+    # One read of the project's keys for the whole fleet, one of each server type.
+    assert sorted(c.token for c in mocks.calls) == [
+        "hcloud:index/getServerType:getServerType",
+        "hcloud:index/getServerType:getServerType",
+        "hcloud:index/getSshKeys:getSshKeys",
+    ]
     install = mocks.by_name("prod-install").inputs
     assert install["host_private_keys"] == {n: k.private_openssh for n, k in HOST_KEYS.items()}
+    # Each host gets its architecture's image and the system its flake evaluates to.
+    assert web1["platform"] == "x86_64-linux" and rescue["hosts"]["web-2"]["platform"] == "aarch64-linux"
+    images = {r.name: r.inputs for r in mocks.resources if r.name.startswith("prod-image")}
+    assert images["prod-image"]["attr"] == "packages.x86_64-linux.image"
+    assert images["prod-image-aarch64-linux"]["attr"] == "packages.aarch64-linux.image"
+    assert web1["system"].endswith("-nixos-system-web-1")
+    assert rescue["hosts"]["web-2"]["system"].endswith("-nixos-system-web-2")
+    [source] = install["sources"].values()
+    assert source["host_ref"].startswith("path:/var/lib/nix-dabei/flakes/") and "narHash=sha256-" in source["host_ref"]
 
 
 def test_connection_output_is_secret_and_pins_host_key() -> None:
