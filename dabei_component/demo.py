@@ -117,13 +117,15 @@ def demo_args(
 ) -> FleetArgs:
     names = [f"{prefix}-{i}" for i in range(1, servers + 1)]
     system = "aarch64-linux" if server_type.startswith("cax") else "x86_64-linux"
+    # The flake defines a few hosts more than asked for: adding a host to the fleet changes no flake.
+    defined = [f"{prefix}-{i}" for i in range(1, max(servers, 9) + 1)]
     return FleetArgs(
         hosts=[
             HostArgs(
                 name=name,
                 server_type=server_type,
                 location=("fsn1", "nbg1", "hel1")[i % 3],
-                flake=flake or demo_flake(dict.fromkeys(names, system)),
+                flake=flake or demo_flake(dict.fromkeys(defined, system)),
                 labels={"purpose": "demo"},
             )
             for i, name in enumerate(names, start=1)
