@@ -1,0 +1,124 @@
+"""`nix-dabei receive` and the rebuild's wait for a sent flake source, as real processes."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from dabei_firstboot import seed as seedlib
+
+from .conftest import PROJECT, MetadataServer, write_config, write_fake_rebuild
+
+SOURCE_ID = "0123456789abcdef0123456789abcdef"
+
+
+def cli(config: Path, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    env = {"PYTHONPATH": str(PROJECT / "nix" / "firstboot"), "PATH": "/usr/bin:/bin"}
+    command = [sys.executable, "-m", "dabei_firstboot", "--config", str(config), *args]
+    return subprocess.run(command, input=stdin, capture_output=True, timeout=60, env=env, check=False)
+
+
+def archive(files: dict[str, bytes], extra: Any = None) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o755 if name.endswith(".sh") else 0o444
+            tar.addfile(info, io.BytesIO(data))
+        if extra is not None:
+            tar.addfile(extra)
+    return buffer.getvalue()
+
+
+def test_receive_unpacks_the_source_once_with_its_modes(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    config = write_config(tmp_path, root)
+    sent = archive({"flake.nix": b"{ outputs = _: {}; }\n", "hosts/web-1.nix": b"{ }\n", "build.sh": b"exit 0\n"})
+    done = cli(config, "receive", "--source", SOURCE_ID, stdin=sent)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"received": SOURCE_ID, "new": True}
+    target = root / "var/lib/nix-dabei/flakes" / SOURCE_ID
+    assert (target / "hosts/web-1.nix").read_bytes() == b"{ }\n"
+    assert (target / "build.sh").stat().st_mode & 0o111, "the executable bit is part of the narHash"
+    # The same id again: kept as it is (the id names the content).
+    again = cli(config, "receive", "--source", SOURCE_ID, stdin=archive({"flake.nix": b"other"}))
+    assert again.returncode == 0 and json.loads(again.stdout)["new"] is False
+    assert (target / "flake.nix").read_bytes() == b"{ outputs = _: {}; }\n"
+
+
+def test_receive_refuses_a_bad_id_and_links_out_of_the_tree(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    config = write_config(tmp_path, root)
+    bad = cli(config, "receive", "--source", "../etc", stdin=b"")
+    assert bad.returncode == 2 and b"invalid source id" in bad.stderr
+    link = tarfile.TarInfo("escape")
+    link.type = tarfile.SYMTYPE
+    link.linkname = "/etc/passwd"
+    refused = cli(config, "receive", "--source", SOURCE_ID, stdin=archive({"flake.nix": b"x"}, link))
+    assert refused.returncode == 1
+    flakes = root / "var/lib/nix-dabei/flakes"
+    assert not (flakes / SOURCE_ID).exists() and list(flakes.iterdir()) == [], "nothing half-unpacked is left"
+
+
+def test_a_rebuild_waits_for_the_sent_source_then_builds_it(
+    tmp_path: Path, metadata_server: MetadataServer, seed_disk: Path, seed_doc: dict[str, Any]
+) -> None:
+    flake = f"path:/var/lib/nix-dabei/flakes/{SOURCE_ID}?narHash=sha256-abc"
+    seedlib.write_seed(seed_disk, {**seed_doc, "flake": flake})
+    root = tmp_path / "root"
+    root.mkdir()
+    rebuild = write_fake_rebuild(tmp_path / "fake-rebuild", 0)
+    config = write_config(
+        tmp_path,
+        root,
+        metadata_url=metadata_server.url,
+        seed_device=str(seed_disk),
+        rebuild_command=[str(rebuild), str(root), "{flake}", "{hostname}"],
+    )
+    assert cli(config, "seed").returncode == 0
+    sender = threading.Timer(1.5, lambda: cli(config, "receive", "--source", SOURCE_ID, stdin=archive({"a": b"b"})))
+    started = time.monotonic()
+    sender.start()
+    try:
+        done = cli(config, "firstboot")
+    finally:
+        sender.join()
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started >= 1.5, "the rebuild waited for the source"
+    status = json.loads((root / "var/lib/nix-dabei/status.json").read_text())
+    assert status["phase"] == "converged" and status["flake"] == flake
+    log = (root / "var/log/nix-dabei/firstboot.log").read_text()
+    assert "waiting up to 1800 s for the deployer to send the flake source" in log
+
+
+def test_a_source_never_sent_fails_the_rebuild_naming_it(
+    tmp_path: Path, metadata_server: MetadataServer, seed_disk: Path, seed_doc: dict[str, Any]
+) -> None:
+    seedlib.write_seed(seed_disk, {**seed_doc, "flake": f"path:/var/lib/nix-dabei/flakes/{SOURCE_ID}"})
+    root = tmp_path / "root"
+    root.mkdir()
+    rebuild = write_fake_rebuild(tmp_path / "fake-rebuild", 0)
+    config = write_config(
+        tmp_path,
+        root,
+        metadata_url=metadata_server.url,
+        seed_device=str(seed_disk),
+        rebuild_command=[str(rebuild), str(root), "{flake}", "{hostname}"],
+        source_wait_seconds=1,
+    )
+    assert cli(config, "seed").returncode == 0
+    done = cli(config, "firstboot")
+    assert done.returncode == 1
+    status = json.loads((root / "var/lib/nix-dabei/status.json").read_text())
+    assert (
+        status["phase"] == "failed" and f"the flake source {SOURCE_ID} was not sent within 1 s" in status["last_error"]
+    )
+    assert not (root / "run/current-system").exists()
