@@ -1,0 +1,32 @@
+"""Stack config for images per system and the evaluation switch, read as `pulumi config set --path` stores it."""
+
+from __future__ import annotations
+
+import pytest
+
+from dabei_component.component import ImageArgs, InvalidArgs
+from dabei_component.program import fleet_args_from_config
+
+HOSTS = [{"name": "web-1", "serverType": "cax11", "location": "fsn1", "flake": "."}]
+
+
+def test_image_attr_per_system_and_explicit_map() -> None:
+    args = fleet_args_from_config({"flake": "github:me/infra"}, HOSTS)
+    assert args.image.attr_for("aarch64-linux") == "packages.aarch64-linux.image"
+    assert args.evaluate is True
+    image = {"flake": ".", "attr": "packages.{system}.img", "attrs": {"aarch64-linux": "packages.aarch64-linux.arm"}}
+    args = fleet_args_from_config(image, HOSTS, evaluate="false")
+    assert args.image.attr_for("x86_64-linux") == "packages.x86_64-linux.img"
+    assert args.image.attr_for("aarch64-linux") == "packages.aarch64-linux.arm"
+    assert args.evaluate is False
+    assert ImageArgs(flake=".", attr="packages.x86_64-linux.image").attr_for("aarch64-linux") == (
+        "packages.x86_64-linux.image"
+    ), "one attribute without {system}: the image check refuses it for arm hosts"
+
+
+def test_bad_values_are_named() -> None:
+    with pytest.raises(InvalidArgs) as bad:
+        fleet_args_from_config({"flake": ".", "attrs": {"riscv64-linux": "x"}}, HOSTS, evaluate="maybe")
+    text = str(bad.value)
+    assert "nix-dabei:image.attrs.riscv64-linux: expected a system of Hetzner's servers" in text
+    assert "nix-dabei:evaluate: expected true or false, got 'maybe'" in text
