@@ -76,7 +76,8 @@ def _nix(args: list[str], nix_args: list[str], cwd: str) -> str:
     except subprocess.TimeoutExpired:
         raise FlakeError(f"`nix {args[0]}` took longer than {_NIX_SECONDS} s") from None
     if done.returncode != 0:
-        lines = [line for line in done.stderr.strip().splitlines() if "build-users-group" not in line]
+        # Nix's retry warnings ("warning: error: unable to download ...") say again what its error says.
+        lines = [line for line in done.stderr.strip().splitlines() if not line.startswith("warning:")]
         raise FlakeError("\n".join(lines[-8:]) or f"exit status {done.returncode}")
     return done.stdout
 

@@ -21,7 +21,7 @@ from typing import IO, Any, cast
 from hcloud import Client
 
 from dabei_component.component import Deadlines, FleetArgs, HostArgs, ImageArgs
-from dabei_component.demo import FIXTURE_FLAKE, fixture_image_attr
+from dabei_component.demo import FIXTURE_FLAKE, demo_flake, fixture_image_attr
 from dabei_component.imaging import OFFLINE_NIX_ARGS
 from dabei_component.localup import DYNAMIC, HCLOUD_SERVER, LocalEngine, Recorded, generated_keys
 from dabei_component.program import declare
@@ -138,15 +138,22 @@ def make_image_flake(directory: Path) -> Path:
     return directory
 
 
+def hosts_flake(prefix: str, count: int) -> str:
+    """A real hosts' flake (the fixture flake) defining `<prefix>-1` to `<prefix>-<count>` as x86_64 hosts."""
+    return demo_flake({f"{prefix}-{i}": "x86_64-linux" for i in range(1, count + 1)})
+
+
 def fleet_args(
     prefix: str,
     count: int = 1,
     *,
     image_flake: Path = FIXTURE_FLAKE,
-    flake: str = "github:example/infra",
+    flake: str | None = None,
     deadlines: Deadlines | None = None,
     ssh_port: int,
 ) -> FleetArgs:
+    """`count` cx22 hosts; `flake` defaults to a fixture flake that defines them (and a few more)."""
+    flake = flake or hosts_flake(prefix, max(count, 9))
     return FleetArgs(
         hosts=[
             HostArgs(name=f"{prefix}-{i}", server_type="cx22", location=("fsn1", "nbg1", "hel1")[i % 3], flake=flake)

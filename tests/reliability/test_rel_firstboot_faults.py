@@ -8,6 +8,7 @@ filesystem with a fake `nixos-rebuild` whose failures a file controls.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,10 @@ def test_a_rebuild_failing_twice_then_succeeding_converges(sim: SimThread, new_s
     root = rootfs(sim, host["server_id"])
     status = json.loads((root / "var/lib/nix-dabei/status.json").read_text())
     assert status["phase"] == "converged" and status["attempt"] == 3
-    assert (root / "var/lib/nix-dabei-sim/rebuilds.log").read_text().splitlines() == ["github:example/infra"]
+    # Three attempts at the source the deployer sent, the last one built.
+    rebuilds = (root / "var/lib/nix-dabei-sim/rebuilds.log").read_text().splitlines()
+    assert len(rebuilds) == 1 and rebuilds[0].startswith("path:/var/lib/nix-dabei/flakes/")
+    assert os.readlink(root / "run/current-system") == host["system"]
 
 
 def test_a_rebuild_that_always_fails_is_reported_with_status_and_journal_and_a_fixed_rerun_converges(
@@ -82,7 +86,7 @@ def test_a_rebuild_that_always_fails_is_reported_with_status_and_journal_and_a_f
         f"firstboot failed on 1 of 1 host(s):\n  {name}: first boot failed in phase 'failed' after 3 attempt(s)" in text
     )
     assert "journal tail:" in text
-    assert f"building the system of github:example/infra#{name} failed (simulated failure)" in text
+    assert "building the system of path:/var/lib/nix-dabei/flakes/" in text and "(simulated failure)" in text
     # Reported from the host's status, not by running into the step's deadline.
     assert "deadline" not in text
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from hcloud import Client
-from relhelpers import SimThread, Stack
+from relhelpers import SimThread, Stack, hosts_flake
 
 from dabei_component.component import OWNER_LABEL
 from dabei_component.demo import FIXTURE_FLAKE, fixture_image_attr
@@ -53,7 +53,13 @@ def config(stack: Stack, *hosts: dict[str, Any], deadlines: Any = None) -> Any:
     """Stack config as `pulumi config` hands it to the program (sshPort is a top-level key: a string)."""
     image = {"flake": f"path:{FIXTURE_FLAKE}", "attr": fixture_image_attr(), "nixArgs": list(OFFLINE_NIX_ARGS)}
     host_cfgs = [
-        {"name": f"{stack.name}-{i}", "serverType": "cx22", "location": "fsn1", "flake": "github:example/infra", **h}
+        {
+            "name": f"{stack.name}-{i}",
+            "serverType": "cx22",
+            "location": "fsn1",
+            "flake": hosts_flake(stack.name, 9),
+            **h,
+        }
         for i, h in enumerate(hosts, 1)
     ]
     deadlines = deadlines or {"rescue": 120, "install": 180, "firstboot": 120}
