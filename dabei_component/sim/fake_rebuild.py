@@ -48,9 +48,13 @@ def _take_failure(counter: Path) -> bool:
 
 
 def on_host(flake: str, root: Path) -> str:
-    """The reference as the simulated host sees it: a `path:/abs` is a directory under its root."""
+    """The reference as the simulated host sees it: a `path:/abs` is a directory under its root (a source
+    the deployer sent); one not there is read where it is, the simulated hosts sharing this machine's
+    files outside their root (a flake given as a path that was not sent, as earlier releases did)."""
     if flake.startswith("path:/"):
-        return f"path:{root}{flake[len('path:') :]}"
+        under_root = Path(f"{root}{flake[len('path:') :].split('?', 1)[0]}")
+        if under_root.exists():
+            return f"path:{root}{flake[len('path:') :]}"
     return flake
 
 

@@ -25,7 +25,7 @@ from dabei_component.provider_server import ProviderServer
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    for name in ("endpoint", "token", "ssh-port", "flake", "attr", "work-dir", "out", "fleet"):
+    for name in ("endpoint", "token", "ssh-port", "flake", "attr", "work-dir", "out", "fleet", "hosts-flake"):
         p.add_argument(f"--{name}", required=True)
     p.add_argument("--host", action="append", required=True, help="name:location")
     p.add_argument("--nix-arg", action="append", default=[])
@@ -34,7 +34,7 @@ def main() -> int:
     work = Path(a.work_dir)
     args = FleetArgs(
         hosts=[
-            HostArgs(name=h.split(":")[0], server_type="cx22", location=h.split(":")[1], flake="github:example/infra")
+            HostArgs(name=h.split(":")[0], server_type="cx22", location=h.split(":")[1], flake=a.hosts_flake)
             for h in a.host
         ],
         image=ImageArgs(flake=a.flake, attr=a.attr, nix_args=a.nix_arg),

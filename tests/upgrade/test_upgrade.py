@@ -31,7 +31,7 @@ HERE = Path(__file__).parent
 RELEASE = HERE / "fixtures" / "release-807a6d6.tar.gz"
 
 
-def record_with_release(tmp: Path, sim: object, fleet: str, hosts: list[str]) -> Path:
+def record_with_release(tmp: Path, sim: object, fleet: str, hosts: list[str], hosts_flake: str) -> Path:
     release = tmp / "release"
     with tarfile.open(RELEASE) as tar:
         tar.extractall(release, filter="data")
@@ -39,7 +39,7 @@ def record_with_release(tmp: Path, sim: object, fleet: str, hosts: list[str]) ->
     cmd = [sys.executable, str(HERE / "record_release.py")]
     cmd += ["--endpoint", sim.endpoint, "--token", sim.token, "--ssh-port", str(sim.ssh_port)]  # type: ignore[attr-defined]
     cmd += ["--flake", f"path:{FIXTURE_FLAKE}", "--attr", fixture_image_attr(), "--work-dir", str(tmp)]
-    cmd += ["--out", str(out), "--fleet", fleet, *(f"--host={h}" for h in hosts)]
+    cmd += ["--out", str(out), "--fleet", fleet, "--hosts-flake", hosts_flake, *(f"--host={h}" for h in hosts)]
     cmd += [f"--nix-arg={a}" for a in OFFLINE_NIX_ARGS]
     # The release first on the path, and a working directory outside the project (`-m` puts it first).
     env = {**os.environ, "PYTHONPATH": f"{release}:{release / 'nix' / 'firstboot'}"}
@@ -51,7 +51,9 @@ def record_with_release(tmp: Path, sim: object, fleet: str, hosts: list[str]) ->
 
 def test_a_stack_of_the_earlier_release_refreshes_moves_to_todays_layout_and_destroys(tmp_path: Path) -> None:
     with simulator(tmp_path / "sim", free_port()) as sim:
-        state_file = record_with_release(tmp_path, sim, "up", ["up-1:fsn1", "up-2:nbg1"])
+        # The hosts' flake of today's demo (a real one: the simulated hosts build it), the same before and after.
+        args = demo_args(2, ssh_port=sim.ssh_port, prefix="up")
+        state_file = record_with_release(tmp_path, sim, "up", ["up-1:fsn1", "up-2:nbg1"], args.hosts[0].flake)
         state = LocalEngine.load_state(state_file)
         old_keys = state[f"{DYNAMIC}::up-keys"].outputs
         old_install = state[f"{DYNAMIC}::up-install"].outputs["hosts"]
@@ -72,7 +74,6 @@ def test_a_stack_of_the_earlier_release_refreshes_moves_to_todays_layout_and_des
 
             # Today's program over the recorded stack: the host keys move into resources of their own
             # (adopting the recorded keys), the example's commands are new, nothing else changes.
-            args = demo_args(2, ssh_port=sim.ssh_port, prefix="up")
             args.hosts[0].location, args.hosts[1].location = "fsn1", "nbg1"
             args.hosts[0].labels = args.hosts[1].labels = {}
             plan = engine.preview(lambda: declare(args, name="up"))
