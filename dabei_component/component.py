@@ -286,7 +286,14 @@ def resolve_flakes(
         try:
             systems.update(flakes.evaluate_systems({h.name: locked[h.flake] for h in args.hosts}, base, nix_args))
         except flakes.FlakeError as exc:
-            problems.append(("hosts", str(exc)))
+            # Only when the fleet's evaluation failed: each host alone, to name the ones that fail.
+            for i, host in enumerate(args.hosts):
+                try:
+                    flakes.evaluate_systems({host.name: locked[host.flake]}, base, nix_args)
+                except flakes.FlakeError as alone:
+                    problems.append((f"hosts[{i}].flake", str(alone)))
+            if not problems:
+                problems.append(("hosts", str(exc)))
     elif not args.evaluate:
         names = ", ".join(h.name for h in args.hosts)
         pulumi.log.warn(f"systems not known (evaluation is off): {names} act on any change of their flake's source")

@@ -236,3 +236,19 @@ def test_a_host_that_switches_to_another_system_than_the_preview_named_fails_nam
     up(engine, args, "sw")
     assert step_hosts(engine, "sw", "firstboot")["sw-1"]["system"] == wanted
     assert preview(engine, args, "sw") == {}
+
+
+def test_a_host_its_flake_does_not_define_is_refused_at_preview_naming_it(
+    engine: LocalEngine, sim: SimHandle, tmp_path: Path
+) -> None:
+    flake = write_fixture_flake(tmp_path / "infra", {"nd-1": "x86_64-linux"})
+    args = demo_args(2, ssh_port=sim.ssh_port, prefix="nd")
+    for host in args.hosts:
+        host.flake = str(flake)
+    with pytest.raises(UpFailed) as refused:
+        preview(engine, args, "nd")
+    text = str(refused.value)
+    assert "nix-dabei:hosts[1].flake: cannot evaluate the systems of nd-2" in text
+    assert "nixosConfigurations" in text and "nd-2" in text
+    assert "hosts[0]" not in text
+    assert servers_named(sim, "nd-") == []
