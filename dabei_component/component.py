@@ -408,7 +408,8 @@ class Fleet(pulumi.ComponentResource):
                 for_hosts=users,
                 opts=child,
             )
-        self.image = next(iter(self.images.values()))
+        # The fleet's `image` output as before images were per system: the x86_64 one when there is one.
+        self.image = self.images.get("x86_64-linux") or next(iter(self.images.values()))
 
         uploaded = {}
         for md5, blob in keys.upload.items():
