@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import re
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -77,6 +78,16 @@ def _unwrap_secrets(value: Any) -> Any:
     if isinstance(value, list):
         return [_unwrap_secrets(v) for v in value]
     return value
+
+
+def _holds_secret(value: Any) -> bool:
+    if rpc.is_rpc_secret(value):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_secret(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_holds_secret(v) for v in value)
+    return False
 
 
 def _known(value: Any) -> bool:
@@ -173,6 +184,9 @@ class Change:
         return text + (f"  [{', '.join(self.paths)}]" if self.paths else "")
 
 
+SECRET_SHOWN = "[secret]"
+
+
 def _shown(value: Any) -> str:
     if isinstance(value, Unknown):
         return "output<string>"
@@ -193,7 +207,8 @@ class Plan(list[Change]):
         return counts
 
     def render(self) -> str:
-        lines = [str(c) for c in self if c.op != "same"]
+        """The plan as `pulumi preview --diff` prints it: one line per resource, then its changed values."""
+        lines = [line for c in self if c.op != "same" for line in (str(c), *(f"    {d}" for d in c.diff()))]
         counts = self.summary()
         words = {"create": "to create", "update": "to update", "replace": "to replace", "delete": "to delete"}
         parts = [f"{counts[op]} {word}" for op, word in words.items() if counts.get(op)]
@@ -392,6 +407,7 @@ class LocalEngine(pulumi_mocks.Mocks):
 
     def _dynamic(self, key: str, rec: Recorded, old: Recorded | None) -> tuple[str, Recorded]:
         # The engine strips secret wrappers for providers that do not accept secrets.
+        rec_inputs_wrapped = rec.inputs
         news = _unwrap_secrets(rec.inputs)
         urn = self._urn(key)
         checked = self.server.check(urn, old.inputs if old else {}, news)
@@ -410,6 +426,11 @@ class LocalEngine(pulumi_mocks.Mocks):
                 return "same", rec
             op = "replace" if diffed.replaces else "update"
             paths = tuple(diff_paths(old.inputs, checked.inputs, values=values) or _drift_paths(old.outputs))
+            # As the CLI does, a secret's value is never shown: every path under an input holding one.
+            hidden = {k for k, v in rec_inputs_wrapped.items() if _holds_secret(v)} | set(old.secret_outputs)
+            for path in values:
+                if re.split(r"[.\[]", path, maxsplit=1)[0] in hidden:
+                    values[path] = (SECRET_SHOWN, SECRET_SHOWN)
         if self._preview:
             # Providers that do not preview hand back their inputs as outputs (provider_plugin.go).
             rec.id, rec.outputs = (old.id if old else ""), checked.inputs

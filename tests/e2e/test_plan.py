@@ -86,6 +86,9 @@ def test_adding_a_host_previews_only_that_host_and_the_step_updates(engine: Loca
     up(engine, fleet(sim, "ad"), "ad")
     keys_before = generated_keys(engine.state, "ad")
     bigger = fleet(sim, "ad", 3)
+    # The plan's values as `pulumi preview --diff` shows them: a secret's never.
+    text = engine.preview(lambda: declare(bigger, name="ad")).render()
+    assert "host_private_keys.ad-3: [secret] => [secret]" in text and "PRIVATE KEY" not in text
     assert preview(engine, bigger, "ad") == {
         "ad-ad-3": (CREATE, ()),
         "ad-ad-3-hostkey": (CREATE, ()),
