@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from dabei_component.demo import SimHandle, demo_args
+from dabei_component.demo import SimHandle, demo_args, write_fixture_flake
 from dabei_component.keys import public_key_of
 from dabei_component.localup import HCLOUD_SERVER, LocalEngine, Recorded, UpFailed, generated_keys
 from dabei_component.program import declare
@@ -51,8 +51,9 @@ def secrets_of(engine: LocalEngine, sim: SimHandle, fleet: str) -> list[str]:
 def test_three_servers_install_and_converge(
     engine: LocalEngine, sim: SimHandle, control: ControlClient, provider: ProviderServer
 ) -> None:
-    args = demo_args(3, flake="github:example/infra?rev=1", ssh_port=sim.ssh_port, prefix="three")
+    args = demo_args(3, ssh_port=sim.ssh_port, prefix="three")
     outputs = up(engine, args, "f3")
+    sent = dynamic_state(engine, "f3-install").inputs["sources"][args.hosts[0].flake]["host_ref"]
 
     keys = generated_keys(engine.state, "f3")
     assert sorted(outputs["hosts"]) == ["three-1", "three-2", "three-3"]
@@ -64,7 +65,8 @@ def test_three_servers_install_and_converge(
         # Independently of the component: the host answers with its generated key and says converged.
         status = asyncio.run(host_status(host["ipv4"], sim.ssh_port, keys["deploy_private_key"], public))
         assert status["status"]["phase"] == "converged"
-        assert status["status"]["flake"] == "github:example/infra?rev=1"
+        # The host built the locked source the deployer sent.
+        assert status["status"]["flake"] == sent and sent.startswith("path:/var/lib/nix-dabei/flakes/")
         assert status["system"] == host["system"]
 
     # Rescue was left behind, the disk holds a GPT whose seed was consumed by the first boot.
@@ -86,9 +88,15 @@ def test_three_servers_install_and_converge(
         assert secret not in plain_state
 
 
-def test_flake_revision_applies_in_place(engine: LocalEngine, sim: SimHandle, control: ControlClient) -> None:
+def test_flake_revision_applies_in_place(
+    engine: LocalEngine, sim: SimHandle, control: ControlClient, tmp_path: Path
+) -> None:
+    # Two revisions of the hosts' flake: the host's file differs.
+    for rev in (1, 2):
+        write_fixture_flake(tmp_path / f"rev{rev}", {"upd-1": {"system": "x86_64-linux", "motd": f"rev {rev}"}})
+
     def args(rev: int) -> Any:
-        return demo_args(1, flake=f"github:example/infra?rev={rev}", ssh_port=sim.ssh_port, prefix="upd")
+        return demo_args(1, flake=f"path:{tmp_path / f'rev{rev}'}", ssh_port=sim.ssh_port, prefix="upd")
 
     up(engine, args(1), "fu")
     before = dynamic_state(engine, "fu-firstboot").outputs["hosts"]["upd-1"]
@@ -102,14 +110,16 @@ def test_flake_revision_applies_in_place(engine: LocalEngine, sim: SimHandle, co
     assert ops["pulumi-python:dynamic:Resource::fu-rescue"] == "same"
     assert ops["hcloud:index/server:Server::fu-upd-1-server"] == "same"
     after = dynamic_state(engine, "fu-firstboot").outputs["hosts"]["upd-1"]
-    assert after["flake"] == "github:example/infra?rev=2"
+    assert after["flake"] == f"path:{tmp_path / 'rev2'}"
     assert after["boot_id"] == before["boot_id"], "an in-place apply must not reboot"
     assert after["system"] != before["system"]
     assert outputs["hosts"]["upd-1"]["system"] == after["system"]
     assert dynamic_state(engine, "fu-install").outputs["hosts"]["upd-1"] == install_before
     rootfs = Path(control.server(before["server_id"])["machine"]["rootfs"])
     rebuilds = (rootfs / "var/lib/nix-dabei-sim/rebuilds.log").read_text()
-    assert rebuilds.splitlines() == ["github:example/infra?rev=1", "github:example/infra?rev=2"]
+    # Each revision's locked source, sent and built on the host.
+    sent = rebuilds.splitlines()
+    assert len(sent) == 2 and sent[0] != sent[1] and all(s.startswith("path:/var/lib/nix-dabei/flakes/") for s in sent)
 
     # A third run with nothing changed does nothing.
     up(engine, args(2), "fu")
