@@ -416,12 +416,25 @@ class LocalEngine(pulumi_mocks.Mocks):
             labels = inputs.get("labels") or {}
             if labels != server.labels:
                 server.update(labels=labels)
-                server = self.hcloud.servers.get_by_id(int(old.id))
+            if server.server_type is not None and inputs.get("serverType") != server.server_type.name:
+                self._resize(server, inputs["serverType"], upgrade_disk=not inputs.get("keepDisk"))
+            server = self.hcloud.servers.get_by_id(int(old.id))
         rec.id, rec.outputs = str(server.id), self._server_outputs(server, inputs)
         self._step(key, rec, op, paths)
         if op == "replace" and old is not None:
             self._delete_server(old)
         return op, rec
+
+    def _resize(self, server: Any, server_type: str, *, upgrade_disk: bool) -> None:
+        """What terraform-provider-hcloud does for a new `server_type`: power off, change the type (the
+        disk upgraded unless `keep_disk`), and power on again if the change left the server off."""
+        if server.status != "off":
+            self.hcloud.servers.power_off(server).wait_until_finished()
+        self.hcloud.servers.change_type(
+            server, ServerType(name=server_type), upgrade_disk=upgrade_disk
+        ).wait_until_finished()
+        if self.hcloud.servers.get_by_id(server.id).status == "off":
+            self.hcloud.servers.power_on(server).wait_until_finished()
 
     def _find_ssh_key_for_server(self, id_or_name: str) -> SSHKey:
         # As pulumi-hcloud finds a server's `sshKeys` (hcloud-go's Get): by ID when the text is a number,

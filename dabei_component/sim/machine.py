@@ -210,6 +210,13 @@ class Machine:
         async with self._lock:
             await self._halt()
 
+    async def resize_disk(self, size: int) -> None:
+        """Make the (halted) machine's disk `size` bytes, keeping its content."""
+        async with self._lock:
+            await self._halt()
+            self.disk.grow(size)
+            self.spec.disk_bytes = size
+
     async def destroy(self) -> None:
         """Halt and remove the disk and all state."""
         async with self._lock:
@@ -414,6 +421,8 @@ class InstalledNixosHook:
             "LANG": "C.UTF-8",
         }
         await _run_logged(machine, ["nix-dabei", "seed"], env)
+        # nix-dabei-grow.service, after the seed on every boot: the partition takes a disk that grew.
+        await _run_logged(machine, ["nix-dabei", "grow"], env)
         if not host_key.exists():
             raise RuntimeError(f"no host key at {host_key} after 'nix-dabei seed'")
         await machine.start_installed_sshd(

@@ -327,6 +327,32 @@ for _command, _path, _duration, _work in [
     routes.post(f"/v1/servers/{{id}}/actions/{_path}")(_simple_action(_command, _duration, _work))
 
 
+@routes.post("/v1/servers/{id}/actions/change_type")
+async def change_type(request: web.Request) -> web.Response:
+    """Hetzner's rule: the server must be off; the new type's disk must not be smaller; with `upgrade_disk`
+    the disk grows (its content is kept), and the server is started again (the API documentation)."""
+    project, server = _server_for_request(request)
+    body = await read_json(request)
+    if not isinstance(body.get("upgrade_disk"), bool):
+        raise invalid_input({"upgrade_disk": ["is required and must be a boolean"]})
+    new_type = _by_id_or_name(body.get("server_type"), "server_type", SERVER_TYPES)
+    if server.status != "off":
+        raise ApiError("server_not_stopped", "The action requires a stopped server")
+    old_type = server.server_type
+    if new_type["disk"] < old_type["disk"] or new_type["architecture"] != old_type["architecture"]:
+        raise ApiError("invalid_server_type", f"server type {new_type['name']!r} does not fit this server")
+    action = project.server_action(server, "change_server_type", project.durations.change_type)
+
+    async def work() -> None:
+        server.server_type = new_type
+        if body["upgrade_disk"]:
+            await project.machines[server.id].resize_disk(int(new_type["disk"]) * 1024**3)
+        await project.boot(server)
+
+    project.run_on_server(server, [(action, work)])
+    return json_response({"action": action.to_json()}, status=201)
+
+
 @routes.post("/v1/servers/{id}/actions/enable_rescue")
 async def enable_rescue(request: web.Request) -> web.Response:
     project, server = _server_for_request(request)

@@ -30,6 +30,7 @@ class Durations:
     rescue_enable: float = 0.05
     rescue_disable: float = 0.05
     create_image: float = 0.2
+    change_type: float = 0.2
     delete: float = 0.1
     rescue_expiry: float = 3600.0
     # How long the installed system's `nixos-rebuild switch` (the fake one) takes, per attempt.

@@ -37,6 +37,8 @@ let
       "--unit=nix-dabei-seed.service" "--lines=80" "--no-pager" "--output=short-iso" ];
     network_reload_command = [ "${config.systemd.package}/bin/networkctl" "reload" ];
     switch_wait_command = [ "${waitForSwitch}" ];
+    # `nix-dabei grow` (zfs-image.nix) expands this pool after its partition.
+    grow_pool = config.nix-dabei.image.poolName or null;
   };
   # Upper bound of one first-boot run: every metadata and rebuild attempt plus the waits between them.
   worstCaseSeconds =

@@ -8,6 +8,7 @@ engine sends them; `refresh` reads, then diffs what it read against the inputs, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 from dabei_firstboot.config import HOST_KEY
+from dabei_firstboot.seed import list_partitions
 from hcloud import Client
 
 from dabei_component.component import FleetArgs
@@ -190,6 +192,41 @@ def test_a_reinstall_request_reinstalls_exactly_that_host(engine: LocalEngine, s
     assert preview(engine, request, "ri") == {}
     # Taking the request out again is no new request.
     assert preview(engine, fleet(sim, "ri"), "ri") == {}
+
+
+def test_a_new_server_type_resizes_in_place_keeps_the_disk_and_grows_the_pool(
+    engine: LocalEngine, sim: SimHandle, control: ControlClient
+) -> None:
+    up(engine, fleet(sim, "rs", 1), "rs")
+    before = step_hosts(engine, "rs", "firstboot")["rs-1"]
+    disk = Path(control.server(before["server_id"])["machine"]["disk_path"])
+    zfs_before = next(p for p in list_partitions(disk) if p["name"] == "zfs")
+    # What the image wrote there (the rest of the 40 GB partition is empty space of the sparse disk).
+    data_before = _digest(disk, zfs_before["offset"], 64 * 1024**2)
+
+    bigger = fleet(sim, "rs", 1, server_type="cx32")
+    assert preview(engine, bigger, "rs") == {"rs-rs-1-server": (UPDATE, ("serverType",))}
+    up(engine, bigger, "rs")
+
+    server = Client(token=sim.token, api_endpoint=sim.endpoint).servers.get_by_name("rs-1")
+    assert server is not None and server.server_type is not None and server.server_type.name == "cx32"
+    assert disk.stat().st_size == 80 * 1024**3, "pulumi-hcloud upgrades the disk unless keepDisk"
+    # The same installation on the bigger disk (nothing rewritten), its partition grown to the disk's end.
+    zfs_after = next(p for p in list_partitions(disk) if p["name"] == "zfs")
+    assert zfs_after["first_lba"] == zfs_before["first_lba"]
+    assert zfs_after["last_lba"] == disk.stat().st_size // 512 - 34
+    assert _digest(disk, zfs_before["offset"], 64 * 1024**2) == data_before
+    # The host came back with its key and its system: a refresh finds no drift, the steps did nothing.
+    assert engine.refresh().changes() == {}
+    after = step_hosts(engine, "rs", "firstboot")["rs-1"]
+    assert after["boot_id"] != before["boot_id"] and after["system"] == before["system"]
+    assert preview(engine, bigger, "rs") == {}
+
+
+def _digest(disk: Path, offset: int, size: int) -> str:
+    with open(disk, "rb") as handle:
+        handle.seek(offset)
+        return hashlib.sha256(handle.read(size)).hexdigest()
 
 
 def _break(control: ControlClient, server_id: Any, how: str) -> None:

@@ -41,6 +41,9 @@ def test_seed_reads_the_partition_table_before_it_grows() -> None:
     assert {"sshd.service", "sshd-keygen.service"} <= set(seed["before"])
     # No gate on seed.json: a seed whose wipe failed is found and wiped on a later boot.
     assert "ConditionPathExists" not in seed.get("unitConfig", {})
+    # Growing runs on every boot (a resize makes the disk bigger under an installed system), by the program.
+    assert "ConditionPathExists" not in grow["content"].get("unitConfig", {})
+    assert grow["content"]["serviceConfig"]["ExecStart"].endswith(" grow")
 
 
 def test_network_unit_runs_early_without_default_dependencies() -> None:

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from . import grow as growlib
 from . import seed as seedlib
 from .config import (
     FLAKE_FILE,
@@ -304,6 +305,33 @@ def cmd_apply(config: Config, log: Log, flake: str) -> int:
     return code
 
 
+def cmd_grow(config: Config, log: Log) -> int:
+    """Every boot, after `seed`: the ZFS partition and pool take the whole disk (see grow.py)."""
+    try:
+        disk = find_seed_device(config)
+        result = growlib.grow(disk, config.grow_pool)
+    except (seedlib.SeedError, growlib.GrowError) as exc:
+        log(f"grow: {exc}")
+        return 1
+    log(f"grow: {growlib.describe(disk, result)}")
+    return 0
+
+
+def cmd_authorized_keys(config: Config, log: Log) -> int:
+    """Replace root's authorized keys with the lines on stdin (one OpenSSH public key each), atomically.
+    The component sends the deploy key with the user's keys, so it can always log in again."""
+    keys = [line.strip() for line in sys.stdin.read().splitlines() if line.strip()]
+    bad = [line for line in keys if len(line.split()) < 2 or line.startswith("#")]
+    if not keys or bad:
+        print(f"nix-dabei authorized-keys: expected one public key per line, got {len(keys)} line(s)", file=sys.stderr)
+        return 2
+    path = config.path(ROOT_AUTHORIZED_KEYS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, ("\n".join(keys) + "\n").encode(), mode=0o600)
+    log(f"authorized-keys: root has {len(keys)} key(s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nix-dabei", description="nix-dabei first-boot program")
     parser.add_argument(
@@ -314,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("firstboot", help="metadata, network and rebuild, when the pending marker exists")
     sub.add_parser("network", help="configure the uplink from the persisted instance data")
     sub.add_parser("status", help="print the status as JSON")
+    sub.add_parser("grow", help="grow the ZFS partition and pool to the whole disk")
+    sub.add_parser("authorized-keys", help="replace root's authorized keys with the keys on stdin")
     apply = sub.add_parser("apply", help="switch to a flake and rebuild")
     apply.add_argument("--flake", required=True, help="flake reference, e.g. github:me/hosts")
     return parser
@@ -335,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_network(config, log)
     if args.command == "status":
         return cmd_status(config, log)
+    if args.command == "grow":
+        return cmd_grow(config, log)
+    if args.command == "authorized-keys":
+        return cmd_authorized_keys(config, log)
     return cmd_apply(config, log, args.flake)
 
 

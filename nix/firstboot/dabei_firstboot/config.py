@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,8 @@ class Config:
     journal_command: tuple[str, ...] | None = None
     network_reload_command: tuple[str, ...] | None = ("networkctl", "reload")
     switch_wait_command: tuple[str, ...] | None = None
+    # The ZFS pool `nix-dabei grow` expands after growing its partition; None: only the partition.
+    grow_pool: str | None = None
     source: str = field(default="(defaults)", compare=False)
 
     def path(self, relative: str) -> Path:
@@ -107,6 +110,10 @@ def config_from_dict(raw: Any, source: str) -> Config:
         elif key == "metadata_url":
             if not isinstance(value, str) or not value.startswith(("http://", "https://")):
                 raise ConfigError(f"{source}: 'metadata_url' must be an http(s) URL, got {value!r}")
+            values[key] = value
+        elif key == "grow_pool":
+            if value is not None and (not isinstance(value, str) or not re.fullmatch(r"[A-Za-z][\w.:-]*", value)):
+                raise ConfigError(f"{source}: 'grow_pool' must be a ZFS pool name or null, got {value!r}")
             values[key] = value
         elif key == "seed_device":
             if not isinstance(value, str) or not (value == "auto" or value.startswith("/")):
