@@ -41,15 +41,20 @@ class FirstBootProvider(FleetStep):
     step = "firstboot"
     # What the program decides: a (re)installed server or a new flake. What the install step recorded
     # (installed image, rescue boot id) is read, not compared: a preview does not know it yet.
-    host_fields = ("server_id", "reinstall", "flake")
+    host_fields = ("server_id", "reinstall", "flake", "authorized_keys")
     upstream = "installed"
 
     def wants_action(self, name: str, old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
-        """A host (re)installed by the install step, a new flake, or drift that a refresh recorded."""
+        """A host (re)installed by the install step, a new flake, new authorized keys for root, or drift
+        that a refresh recorded."""
         if wants_install(old, new):
             return True
         assert old is not None
-        return bool(old.get("drift")) or old.get("flake") != new.get("flake")
+        return (
+            bool(old.get("drift"))
+            or old.get("flake") != new.get("flake")
+            or old.get("authorized_keys") != new.get("authorized_keys")
+        )
 
     secret_inputs = ("deploy_private_key",)
 
@@ -137,10 +142,16 @@ class FirstBootProvider(FleetStep):
             and all(old.get(f) == host.get(f) for f in ("server_id", "installed_image", "rescue_boot_id"))
         )
         if in_place:
-            ctx.log(f"applying flake {host['flake']} in place")
+            assert old is not None
             conn = await self._connect(ctx, host, deploy_key, ctx.deadline)
             with contextlib.closing(conn):
-                await self._apply(ctx, conn, host["flake"])
+                if old.get("authorized_keys") != host.get("authorized_keys"):
+                    ctx.log(f"setting root's {len(host['authorized_keys'])} authorized key(s)")
+                    keys = "".join(f"{k}\n" for k in host["authorized_keys"])
+                    await run(conn, "nix-dabei authorized-keys", input=keys, timeout=60)
+                if old.get("flake") != host["flake"] or old.get("drift"):
+                    ctx.log(f"applying flake {host['flake']} in place")
+                    await self._apply(ctx, conn, host["flake"])
         status = await self._wait_converged(ctx, host, deploy_key)
         st = status["status"]
         if st.get("flake") and st["flake"] != host["flake"]:

@@ -8,6 +8,7 @@ engine sends them; `refresh` reads, then diffs what it read against the inputs, 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import shutil
@@ -25,6 +26,7 @@ from dabei_component.keys import generate_ssh_keypair
 from dabei_component.localup import DYNAMIC, HCLOUD_SERVER, LocalEngine, Plan, generated_keys
 from dabei_component.program import declare
 from dabei_component.sim.client import ControlClient
+from dabei_component.ssh import SshError, connect
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -221,6 +223,43 @@ def test_a_new_server_type_resizes_in_place_keeps_the_disk_and_grows_the_pool(
     after = step_hosts(engine, "rs", "firstboot")["rs-1"]
     assert after["boot_id"] != before["boot_id"] and after["system"] == before["system"]
     assert preview(engine, bigger, "rs") == {}
+
+
+def test_new_ssh_keys_are_set_on_the_running_host_in_place(engine: LocalEngine, sim: SimHandle) -> None:
+    up(engine, fleet(sim, "sk", 1), "sk")
+    host = step_hosts(engine, "sk", "firstboot")["sk-1"]
+    laptop = generate_ssh_keypair()
+
+    def logs_in() -> bool:
+        async def attempt() -> bool:
+            loop = asyncio.get_running_loop()
+            try:
+                conn, _ = await connect(
+                    host["ipv4"], port=sim.ssh_port, client_key=laptop.private_openssh,
+                    host_key=host["host_public_key"], deadline=loop.time() + 5,
+                )  # fmt: skip
+            except SshError:
+                return False
+            conn.close()
+            return True
+
+        return asyncio.run(attempt())
+
+    assert not logs_in()
+    with_key = fleet(sim, "sk", 1, ssh_keys=[laptop.public])
+    changes = preview(engine, with_key, "sk")
+    uploads = [n for n in changes if n.startswith("sk-key-")]
+    assert [changes.pop(n) for n in uploads] == [(CREATE, ())], "the pasted key goes to the project once"
+    assert changes == {"sk-firstboot": (UPDATE, ("hosts.sk-1.authorized_keys",))}
+    up(engine, with_key, "sk")
+    assert logs_in()
+    assert step_hosts(engine, "sk", "firstboot")["sk-1"]["boot_id"] == host["boot_id"], "set in place"
+    assert preview(engine, with_key, "sk") == {}
+
+    without = fleet(sim, "sk", 1)
+    assert preview(engine, without, "sk")["sk-firstboot"] == (UPDATE, ("hosts.sk-1.authorized_keys",))
+    up(engine, without, "sk")
+    assert not logs_in()
 
 
 def _digest(disk: Path, offset: int, size: int) -> str:
