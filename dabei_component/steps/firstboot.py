@@ -72,7 +72,10 @@ class FirstBootProvider(FleetStep):
                 log=ctx.log,
             )
         except HostKeyMismatch as exc:
-            raise HostError(f"refusing the host: {exc}") from None
+            raise HostError(
+                f"refusing the host: {exc}; if it was reinstalled outside nix-dabei, give it a new `reinstall` "
+                "ID to install it again"
+            ) from None
         except SshError as exc:
             raise HostError(str(exc)) from None
         return conn
