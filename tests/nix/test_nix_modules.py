@@ -4,13 +4,12 @@ unit ordering, the network matches, the image facts, the arm64 console, the prog
 from __future__ import annotations
 
 import json
-import subprocess
 from typing import Any
 
 import pytest
 from dabei_firstboot.config import config_from_dict
 
-from .conftest import PROJECT
+from .conftest import PROJECT, nix_eval
 
 HARNESS = PROJECT / "tests" / "nix" / "harness" / "eval-module.nix"
 MODULES = PROJECT / "nix" / "modules"
@@ -19,16 +18,7 @@ LAYOUT = PROJECT / "nix" / "lib" / "image-layout.nix"
 
 def module(name: str, attr: str, **args: str) -> Any:
     extra = " ".join(f"{key} = {value};" for key, value in args.items())
-    expr = f"(import {HARNESS} {{ module = {MODULES / name}; {extra} }}).{attr}"
-    result = subprocess.run(
-        ["nix-instantiate", "--eval", "--strict", "--json", "--expr", expr],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    return nix_eval(f"(import {HARNESS} {{ module = {MODULES / name}; {extra} }}).{attr}")
 
 
 def test_seed_reads_the_partition_table_before_it_grows() -> None:
