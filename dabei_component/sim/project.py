@@ -55,11 +55,14 @@ def real_machine(spec: dict[str, Any], ssh_port: int, boot_hook: Any) -> Machine
     return machine
 
 
-def default_boot_hook(durations: Durations) -> Any:
-    """The installed NixOS emulation, its rebuild taking `durations.rebuild` (read at each boot)."""
+def default_boot_hook(durations: Durations, behaviours: Path | None = None) -> Any:
+    """The installed NixOS emulation, its rebuild taking `durations.rebuild` (read at each boot); what each
+    flake's configuration does comes from the `behaviours` file (`/_sim/flakes`)."""
+    from .client import free_port
     from .machine import InstalledNixosHook
 
-    return InstalledNixosHook(durations=durations)
+    # One port for every host's HTTP endpoint (each host has its own address).
+    return InstalledNixosHook(durations=durations, behaviours=behaviours, app_port=free_port())
 
 
 Work = Callable[[], Awaitable[None]]
@@ -98,6 +101,11 @@ class Project:
         self._action_ids = itertools.count(90_000_001)
         self._ssh_key_ids = itertools.count(3_001)
         self._image_ids = itertools.count(200_000_001)
+
+    @property
+    def flake_behaviours_path(self) -> Path:
+        """What each flake's configuration does once a simulated host switched to it (`/_sim/flakes`)."""
+        return self.state_dir / "flake-behaviours.json"
 
     # --- ids and lookups ------------------------------------------------------------------------
 
@@ -204,7 +212,9 @@ class Project:
             "state_dir": self.state_dir / "servers" / str(server.id),
             "metadata_url": self.metadata_url(server.id),
         }
-        boot_hook = self.boot_hook if self.boot_hook is not None else default_boot_hook(self.durations)
+        boot_hook = self.boot_hook
+        if boot_hook is None:
+            boot_hook = default_boot_hook(self.durations, self.flake_behaviours_path)
         machine = self.machine_factory(spec, self.ssh_port, boot_hook)
         self.machines[server.id] = machine
         return machine
