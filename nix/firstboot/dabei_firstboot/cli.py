@@ -30,7 +30,7 @@ from .config import (
 from .lock import BusyError, run_lock
 from .metadata import MetadataError, fetch_metadata, instance_data
 from .network import NetworkError, apply_network
-from .rebuild import RebuildError, current_system, run_rebuild, wait_for_previous_switch
+from .rebuild import RebuildError, current_system, run_rebuild
 from .status import Log, StatusRecorder, now, read_boot_id, read_status, write_atomic, write_json
 
 # Block devices that never hold the installed system's disk.
@@ -318,12 +318,6 @@ def cmd_apply(config: Config, log: Log, flake: str, confirm_seconds: float | Non
     return code
 
 
-def cmd_watchdog(config: Config, log: Log, token: str | None) -> int:
-    # A switch of an `apply` that died may still run in its own session: let it end before deciding.
-    wait_for_previous_switch(config, log)
-    return rollback.cmd_watchdog(config, log, token)
-
-
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -382,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "rollback":
         return rollback.cmd_rollback(config, log, args.token, args.reason)
     if args.command == "watchdog":
-        return cmd_watchdog(config, log, args.token)
+        return rollback.cmd_watchdog(config, log, args.token)
     return cmd_apply(config, log, args.flake, args.confirm_seconds)
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 from .config import CONFIRM_RECORD, CURRENT_SYSTEM, FLAKE_FILE, PENDING_MARKER, SYSTEM_PROFILE, Config
 from .lock import BusyError, run_lock
+from .rebuild import wait_for_previous_switch
 from .status import now, patch_status, write_atomic, write_json
 
 # What this program offers the deployer (`nix-dabei status` lists it; a host installed by an older release
@@ -278,6 +279,8 @@ def _decide(config: Config, log: Log, token: str) -> bool:
     if record is None or record.get("token") != token:
         return True
     if record["state"] == SWITCHING:
+        # The switch of an `apply` that died may still run in its own session: let it end first.
+        wait_for_previous_switch(config, log)
         reason = "the apply that started the switch ended before finishing it"
         if _changed(config, record):
             rollback_locked(config, log, record, reason)

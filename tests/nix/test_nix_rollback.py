@@ -1,0 +1,149 @@
+"""Confirmed switches through the real `nix-dabei` program: apply with a confirmation window, confirm, roll
+back by request, the detached watchdog rolling back an unconfirmed switch, and a failed build left alone.
+
+The rebuild is the simulator's fake `nixos-rebuild` (generations in the system profile, activation), and the
+rollback runs its stand-ins for `nix-env --switch-generation` and `switch-to-configuration switch`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dabei_firstboot import seed as seedlib
+
+from dabei_component.sim.fake_rebuild import system_path
+
+from .conftest import MetadataServer, run_cli, write_config
+
+FAKE = [sys.executable, "-m", "dabei_component.sim.fake_rebuild"]
+HOST = "installer-test"  # the hostname in the metadata fixture
+OLD, NEW = "github:example/hosts", "github:example/hosts/v2"
+
+
+@pytest.fixture
+def host(tmp_path: Path, metadata_server: MetadataServer, seed_disk: Path, seed_doc: dict[str, Any]) -> Path:
+    """A host after its first boot on generation 1 (flake OLD); returns its config file."""
+    root = tmp_path / "root"
+    root.mkdir()
+    config = write_config(
+        tmp_path,
+        root,
+        metadata_url=metadata_server.url,
+        seed_device=str(seed_disk),
+        rebuild_command=[*FAKE, "--root", str(root), "--flake", "{flake}", "--hostname", "{hostname}"],
+        switch_generation_command=[*FAKE, "switch-generation", "--root", str(root), "{generation}"],
+        activate_command=[*FAKE, "activate", "--root", str(root), "{system}"],
+    )
+    seedlib.write_seed(seed_disk, seed_doc)
+    assert run_cli(config, "seed").returncode == 0
+    booted = run_cli(config, "firstboot")
+    assert booted.returncode == 0, booted.stderr
+    return config
+
+
+def root_of(config: Path) -> Path:
+    return Path(json.loads(config.read_text())["root"])
+
+
+def profile(root: Path) -> str:
+    return os.readlink(root / "nix/var/nix/profiles/system")
+
+
+def apply(config: Path, flake: str, seconds: int) -> dict[str, Any]:
+    result = run_cli(config, "apply", "--flake", flake, "--confirm-seconds", str(seconds))
+    assert result.returncode == 0, result.stderr
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report
+
+
+def test_a_confirmed_switch_stays(host: Path) -> None:
+    root = root_of(host)
+    report = apply(host, NEW, 60)
+    record = report["confirm"]
+    assert record["state"] == "awaiting-confirmation"
+    assert record["previous"] == {
+        "generation": 1,
+        "system": system_path(OLD, HOST),
+        "profile_system": system_path(OLD, HOST),
+        "flake": OLD,
+    }
+    assert report["generation"] == 2 and report["system"] == system_path(NEW, HOST)
+    assert "confirm" in report["features"]
+    confirmed = run_cli(host, "confirm", "--token", record["token"])
+    assert confirmed.returncode == 0, confirmed.stdout
+    assert json.loads(confirmed.stdout)["confirm"]["state"] == "confirmed"
+    # Confirmed is final: neither a late rollback nor the watchdog changes anything.
+    late = run_cli(host, "rollback", "--token", record["token"])
+    assert late.returncode == 1 and json.loads(late.stdout)["confirm"]["state"] == "confirmed"
+    assert profile(root) == "system-2-link"
+    assert os.readlink(root / "run/current-system") == system_path(NEW, HOST)
+    assert run_cli(host, "confirm", "--token", "0123456789abcdef").returncode == 1
+
+
+def test_a_rollback_on_request_returns_to_the_recorded_generation_and_flake(host: Path) -> None:
+    root = root_of(host)
+    record = apply(host, NEW, 60)["confirm"]
+    back = run_cli(host, "rollback", "--token", record["token"], "--reason", "health check 'web' failed")
+    assert back.returncode == 0, back.stdout + back.stderr
+    answer = json.loads(back.stdout)["confirm"]
+    assert answer["state"] == "rolled-back" and answer["reason"] == "health check 'web' failed"
+    assert answer["rolled_back"] == {
+        "from_system": system_path(NEW, HOST),
+        "to_system": system_path(OLD, HOST),
+        "to_generation": 1,
+    }
+    # The boot default is the old generation again, and it runs; the new one is kept as generation 2.
+    assert profile(root) == "system-1-link"
+    assert os.readlink(root / "nix/var/nix/profiles/system-2-link") == system_path(NEW, HOST)
+    assert os.readlink(root / "run/current-system") == system_path(OLD, HOST)
+    assert (root / "var/lib/nix-dabei/flake").read_text().strip() == OLD
+    status = json.loads(run_cli(host, "status").stdout)["status"]
+    assert status["phase"] == "converged" and status["flake"] == OLD
+    assert status["rolled_back"]["reason"] == "health check 'web' failed"
+    # Too late to confirm a switch that was rolled back.
+    assert run_cli(host, "confirm", "--token", record["token"]).returncode == 1
+
+
+def test_the_watchdog_rolls_back_an_unconfirmed_switch(host: Path) -> None:
+    root = root_of(host)
+    record = apply(host, NEW, 2)["confirm"]
+    assert os.readlink(root / "run/current-system") == system_path(NEW, HOST)
+    # Nobody confirms: the detached watchdog (no SSH session, no deployer) rolls back when the window ends.
+    give_up = time.monotonic() + 60
+    while (state := json.loads(run_cli(host, "status").stdout)["confirm"]["state"]) == "awaiting-confirmation":
+        assert time.monotonic() < give_up, "the watchdog never acted"
+        time.sleep(0.5)
+    assert state == "rolled-back"
+    answer = json.loads(run_cli(host, "status").stdout)["confirm"]
+    assert answer["token"] == record["token"] and answer["reason"] == "not confirmed within 2s of the switch"
+    assert profile(root) == "system-1-link"
+    assert os.readlink(root / "run/current-system") == system_path(OLD, HOST)
+    log = (root / "var/log/nix-dabei/firstboot.log").read_text()
+    assert "rolled back to generation 1" in log
+
+
+def test_a_failed_build_switches_nothing_and_rolls_nothing_back(host: Path) -> None:
+    root = root_of(host)
+    (root / "var/lib/nix-dabei-sim").mkdir(parents=True, exist_ok=True)
+    (root / "var/lib/nix-dabei-sim/fail-rebuilds").write_text("always\n")
+    result = run_cli(host, "apply", "--flake", NEW, "--confirm-seconds", "2", timeout=300)
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert report["confirm"]["state"] == "not-switched"
+    assert "simulated failure" in report["confirm"]["reason"]
+    assert report["status"]["phase"] == "failed"
+    assert profile(root) == "system-1-link"
+    assert os.readlink(root / "run/current-system") == system_path(OLD, HOST)
+    time.sleep(3)  # the window would be over: the watchdog has nothing to undo
+    assert json.loads(run_cli(host, "status").stdout)["confirm"]["state"] == "not-switched"
+
+
+def test_a_bad_confirmation_window_is_refused(host: Path) -> None:
+    result = run_cli(host, "apply", "--flake", NEW, "--confirm-seconds", "0")
+    assert result.returncode == 2 and "--confirm-seconds" in result.stderr
