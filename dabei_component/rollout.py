@@ -184,6 +184,9 @@ class RolloutGate:
             await changed.wait_for(lambda: all(self._open[i] == 0 for i in range(index)))
             for i in range(index):
                 if self._failed[i]:
+                    # Done without being touched: the batches after this one learn of the stop too.
+                    self._open[index] -= 1
+                    changed.notify_all()
                     raise HostNotTouched(
                         f"not updated: batch {i + 1} of {len(self.batches)} ({', '.join(self._failed[i])} failed) "
                         "stopped the rollout; this host keeps its system"

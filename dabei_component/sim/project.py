@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from .client import free_port
 from .errors import ApiError, locked
 from .faults import Faults
 from .ratelimit import RateLimiter
@@ -55,14 +56,13 @@ def real_machine(spec: dict[str, Any], ssh_port: int, boot_hook: Any) -> Machine
     return machine
 
 
-def default_boot_hook(durations: Durations, behaviours: Path | None = None) -> Any:
+def default_boot_hook(durations: Durations, behaviours: Path | None = None, app_port: int | None = None) -> Any:
     """The installed NixOS emulation, its rebuild taking `durations.rebuild` (read at each boot); what each
-    flake's configuration does comes from the `behaviours` file (`/_sim/flakes`)."""
-    from .client import free_port
+    flake's configuration does comes from the `behaviours` file (`/_sim/flakes`); its HTTP endpoint listens
+    on `app_port` (None: none)."""
     from .machine import InstalledNixosHook
 
-    # One port for every host's HTTP endpoint (each host has its own address).
-    return InstalledNixosHook(durations=durations, behaviours=behaviours, app_port=free_port())
+    return InstalledNixosHook(durations=durations, behaviours=behaviours, app_port=app_port)
 
 
 Work = Callable[[], Awaitable[None]]
@@ -84,6 +84,8 @@ class Project:
         self.boot_hook = boot_hook
         self.machine_factory = machine_factory
         self.metadata_base = ""  # "http://HOST:PORT/_metadata", known once the listener is bound
+        # The port of every installed host's HTTP endpoint (each host listens on its own address).
+        self.app_port = free_port()
         self.faults = Faults()
         self.ratelimit = RateLimiter()
         self.addresses = AddressPool()
@@ -214,7 +216,7 @@ class Project:
         }
         boot_hook = self.boot_hook
         if boot_hook is None:
-            boot_hook = default_boot_hook(self.durations, self.flake_behaviours_path)
+            boot_hook = default_boot_hook(self.durations, self.flake_behaviours_path, self.app_port)
         machine = self.machine_factory(spec, self.ssh_port, boot_hook)
         self.machines[server.id] = machine
         return machine

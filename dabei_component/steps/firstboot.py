@@ -335,11 +335,16 @@ class FirstBootProvider(FleetStep):
         """The host could not be reached to confirm: wait for its own rollback, then report it."""
         ctx.log(f"{reason}; waiting for the host to roll itself back")
         await asyncio.sleep(max(0.0, window_end + _CONFIRM_MARGIN_SECONDS - time.monotonic()))
-        try:
-            until = min(ctx.deadline, time.monotonic() + _ROLLBACK_GRACE_SECONDS)
-            conn = await self._connect(ctx, host, deploy_key, until)
-        except HostError as exc:
-            return f"{reason}; the host does not answer after its confirmation window either ({exc})"
+        until = min(ctx.deadline, time.monotonic() + _ROLLBACK_GRACE_SECONDS)
+        while True:
+            # Refused logins too are tried again: the host may still be rolling back.
+            try:
+                conn = await self._connect(ctx, host, deploy_key, until)
+                break
+            except HostError as exc:
+                if time.monotonic() + _POLL_SECONDS >= until:
+                    return f"{reason}; the host does not answer after its confirmation window either ({exc})"
+                await asyncio.sleep(_POLL_SECONDS)
         with contextlib.closing(conn):
             while True:
                 record = (await self._status(conn)).get("confirm") or {}
