@@ -424,7 +424,12 @@ class Fleet(pulumi.ComponentResource):
             deploy_private_key=self.keys.deploy_private_key,
             deadline_seconds=args.deadlines.firstboot,
             rollout=args.rollout.wire(),
-            health_checks={h.name: [c.wire() for c in [*args.health_checks, *h.health_checks]] for h in args.hosts},
+            # Only hosts with checks: adding a host without any shows nothing here in a preview.
+            health_checks={
+                h.name: [c.wire() for c in [*args.health_checks, *h.health_checks]]
+                for h in args.hosts
+                if args.health_checks or h.health_checks
+            },
             opts=child,
         )
         for h in args.hosts:
