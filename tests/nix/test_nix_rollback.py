@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -147,3 +148,41 @@ def test_a_failed_build_switches_nothing_and_rolls_nothing_back(host: Path) -> N
 def test_a_bad_confirmation_window_is_refused(host: Path) -> None:
     result = run_cli(host, "apply", "--flake", NEW, "--confirm-seconds", "0")
     assert result.returncode == 2 and "--confirm-seconds" in result.stderr
+
+
+def test_an_apply_that_dies_mid_build_switches_nothing(host: Path) -> None:
+    """The apply killed while it builds (the deployer's session does not matter: SIGHUP is ignored, so only
+    a crash does this): its rebuild dies with it, and the watchdog finds nothing switched."""
+    root = root_of(host)
+    config = json.loads(host.read_text())
+    config["rebuild_command"] = [*config["rebuild_command"], "--seconds", "4"]
+    host.write_text(json.dumps(config))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2] / "nix" / "firstboot"))
+    log = root / "var/log/nix-dabei/firstboot.log"
+    seen = len(log.read_text())
+    argv = ["apply", "--flake", NEW, "--confirm-seconds", "30"]
+    apply = subprocess.Popen(
+        [sys.executable, "-m", "dabei_firstboot", "--config", str(host), *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    give_up = time.monotonic() + 60
+    while "rebuild attempt 1/" not in log.read_text()[seen:]:
+        assert time.monotonic() < give_up
+        time.sleep(0.1)
+    apply.kill()
+    apply.wait()
+    while json.loads(run_cli(host, "status").stdout)["confirm"]["state"] == "switching":
+        assert time.monotonic() < give_up, "the watchdog never decided"
+        time.sleep(0.2)
+    record = json.loads(run_cli(host, "status").stdout)["confirm"]
+    assert record["state"] == "not-switched"
+    assert record["reason"] == "the apply that started the switch ended before finishing it"
+    time.sleep(5)  # longer than the build would have taken: it never switches
+    assert rebuilt_flakes(root) == [OLD]
+    assert profile(root) == "system-1-link" and os.readlink(root / "run/current-system") == system_path(OLD, HOST)
+
+
+def rebuilt_flakes(root: Path) -> list[str]:
+    return (root / "var/lib/nix-dabei-sim/rebuilds.log").read_text().splitlines()
