@@ -14,9 +14,10 @@
   metadata URL, state dir and the machine's own description (`Machine.describe()`); never a password.
 - `PUT /_sim/servers/{id}/faults`: SSH faults of the server's machine (`Machine.set_faults(body)`).
 - `GET /_sim/flakes`, `PUT /_sim/flakes` (replaces all): what a configuration does once a host switched to
-  it, by flake reference: `{"<flake ref>": {"ssh": "ok" | "refused", "health": "ok" | "failing"}}`
-  (`ssh: refused`: sshd refuses root at login, open sessions go on; `health: failing`: the host's
-  `app-health` command fails and its HTTP endpoint answers 503). Read at each switch (`fake_rebuild.py`).
+  it, by flake reference: `{"<flake ref>": {"ssh": "ok" | "refused", "health": "ok" | "failing", "session":
+  "kept" | "cut"}}` (`ssh: refused`: sshd refuses root at login, open sessions go on; `health: failing`: the
+  host's `app-health` command fails and its HTTP endpoint answers 503; `session: cut`: the switch cuts every
+  open SSH connection). Read at each switch (`fake_rebuild.py`).
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ async def put_server_faults(request: web.Request) -> web.Response:
     return json_response({"server": server_details(project, server)})
 
 
-_BEHAVIOUR_VALUES = {"ssh": ("ok", "refused"), "health": ("ok", "failing")}
+_BEHAVIOUR_VALUES = {"ssh": ("ok", "refused"), "health": ("ok", "failing"), "session": ("kept", "cut")}
 
 
 @routes.get("/_sim/flakes")

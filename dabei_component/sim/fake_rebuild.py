@@ -9,7 +9,9 @@ N rebuilds fail), or `always`. `--seconds S` makes each rebuild take S seconds (
 on downloads), so benchmarks can give the rebuild a realistic share of an installation.
 
 What a configuration does once active comes from `--behaviours FILE` (the simulator's `/_sim/flakes`):
-`{"<flake ref>": {"ssh": "ok" | "refused", "health": "ok" | "failing"}}`. Activation writes it to
+`{"<flake ref>": {"ssh": "ok" | "refused", "health": "ok" | "failing", "session": "kept" | "cut"}}`
+(`session: cut`: switching to it cuts every open SSH connection, as a switch that restarts the network
+does; the machine model kills sshd's session processes and the switch waits for that). Activation writes it to
 `<root>/run/nix-dabei-sim/system.json`; the machine model applies `ssh` to its sshd (root refused at login,
 open sessions kept) and acknowledges in `<root>/run/nix-dabei-sim/sshd-state`, which activation waits for,
 as a switch waits for sshd's restart. `app-health` on the host and its HTTP endpoint answer by `health`.
@@ -36,8 +38,10 @@ SIM_STATE = "var/lib/nix-dabei-sim"
 ACTIVE_SYSTEM = "run/nix-dabei-sim/system.json"
 # The sshd state the machine model has applied ("ok" or "refused"; absent: "ok").
 SSHD_STATE = "run/nix-dabei-sim/sshd-state"
+# A switch asks the machine model to cut every SSH connection; the model removes the file once done.
+CUT_SESSIONS = "run/nix-dabei-sim/cut-sessions"
 PROFILE = "nix/var/nix/profiles/system"
-BEHAVIOURS = ("ssh", "health")
+BEHAVIOURS = ("ssh", "health", "session")
 _SSHD_WAIT_SECONDS = 20.0
 _NIX_BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"
 
@@ -83,7 +87,7 @@ def read_behaviours(path: Path | None) -> dict[str, dict[str, str]]:
 
 def behaviour_of(table: dict[str, dict[str, str]], flake: str) -> dict[str, str]:
     entry = table.get(flake) or {}
-    return {"ssh": entry.get("ssh", "ok"), "health": entry.get("health", "ok")}
+    return {"ssh": entry.get("ssh", "ok"), "health": entry.get("health", "ok"), "session": entry.get("session", "kept")}
 
 
 def _replace_link(link: Path, target: str) -> None:
@@ -140,6 +144,17 @@ def activate(root: Path, system: str) -> None:
         time.sleep(0.05)
 
 
+def _cut_sessions(root: Path) -> None:
+    request = root / CUT_SESSIONS
+    request.parent.mkdir(parents=True, exist_ok=True)
+    request.write_text("cut\n")
+    give_up = time.monotonic() + _SSHD_WAIT_SECONDS
+    while request.exists():
+        if time.monotonic() > give_up:
+            raise SystemExit("error: the SSH connections were not cut within 20 s")
+        time.sleep(0.05)
+
+
 def _sshd_state(root: Path) -> str:
     try:
         return (root / SSHD_STATE).read_text().strip() or "ok"
@@ -167,6 +182,8 @@ def _switch(args: argparse.Namespace) -> int:
     with open(state / "rebuilds.log", "a") as f:
         f.write(args.flake + "\n")
     activate(args.root, system)
+    if behaviour["session"] == "cut":
+        _cut_sessions(args.root)
     print(f"switched to configuration {system} ({args.flake}#{args.hostname}), generation {number}")
     return 0
 

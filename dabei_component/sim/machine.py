@@ -14,6 +14,7 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
@@ -27,7 +28,7 @@ from dabei_firstboot.seed import SeedError, find_seed_partition, read_seed
 
 from .client import free_port
 from .disk import Disk
-from .fake_rebuild import ACTIVE_SYSTEM, SIM_STATE, SSHD_STATE
+from .fake_rebuild import ACTIVE_SYSTEM, CUT_SESSIONS, SIM_STATE, SSHD_STATE
 from .sshd import FaultProxy, NamespacedProcess, PrivateDev, SshDaemon, SshdSettings
 from .state import Durations
 
@@ -292,7 +293,25 @@ class Machine:
                 state = root / SSHD_STATE
                 state.parent.mkdir(parents=True, exist_ok=True)
                 state.write_text(applied + "\n")
+            if (root / CUT_SESSIONS).exists():
+                self._cut_sessions()
+                (root / CUT_SESSIONS).unlink(missing_ok=True)
             await asyncio.sleep(0.1)
+
+    def _cut_sessions(self) -> None:
+        """Kill sshd's per-connection processes: every open SSH connection breaks off, what they started
+        goes on (as when a switch restarts the network under them)."""
+        pid = self._sshd.pid if self._sshd is not None else None
+        if pid is None:
+            return
+        try:
+            sessions = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            return
+        for child in sessions:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(child), signal.SIGKILL)
+        self.log_boot(f"cut {len(sessions)} SSH connection(s) (the active system's switch)")
 
     async def serve_app(self, root: Path, port: int) -> None:
         """The installed system's HTTP endpoint on ipv4:port: 200 while the active configuration is healthy,

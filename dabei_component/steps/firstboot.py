@@ -287,18 +287,31 @@ class FirstBootProvider(FleetStep):
                     raise HostError(f"{failure}\n  after the switch; no rollback: the host's nix-dabei predates it")
                 return
             cmd = f"nix-dabei apply --flake {shlex.quote(host['flake'])} --confirm-seconds {window:g}"
-            done = await run(conn, cmd, timeout=max(1.0, ctx.remaining()), check=False)
-        # The window opened when the switch ended, a moment before the answer arrived.
-        window_end = time.monotonic() + window - _CONFIRM_MARGIN_SECONDS
-        try:
-            answer = json.loads(done.stdout)
-        except ValueError:
-            raise HostError(f"`nix-dabei apply` answered no status: {done.stderr.strip()[-500:]}") from None
+            cut = ""
+            try:
+                done = await run(conn, cmd, timeout=max(1.0, ctx.remaining()), check=False)
+                try:
+                    answer = json.loads(done.stdout)
+                except ValueError:
+                    raise HostError(f"`nix-dabei apply` answered no status: {done.stderr.strip()[-500:]}") from None
+                switched = done.exit_status == 0
+            except SshError as exc:
+                # A switch that restarts the network cuts the connection; the switch goes on without it
+                # (`apply` ignores SIGHUP), so follow it over a new one.
+                cut = f"the connection broke off during the switch ({exc}); "
+                ctx.log(f"{cut}following the switch over a new connection")
+                answer = await self._follow_switch(ctx, host, deploy_key)
+                switched = (answer.get("confirm") or {}).get("state") == "awaiting-confirmation"
         record = answer.get("confirm") or {}
-        if done.exit_status != 0:
-            text = _failure(answer)
+        # The window opened when the switch ended, a moment before the answer arrived.
+        left = float(record.get("confirm_by") or 0) - time.time() if cut else window
+        window_end = time.monotonic() + min(window, left) - _CONFIRM_MARGIN_SECONDS
+        if not switched:
             rolled = _rolled_back(record)
-            raise HostError(f"{text}\n  {rolled}" if rolled else text)
+            if rolled and (answer.get("status") or {}).get("phase") == "converged":
+                raise HostError(cut + rolled)
+            text = _failure(answer)
+            raise HostError(f"{cut}{text}\n  {rolled}" if rolled else cut + text)
         token = str(record["token"])
         ctx.log(f"switched to {answer.get('system')}; confirming within {window:g}s")
         try:
@@ -319,6 +332,31 @@ class FirstBootProvider(FleetStep):
         if confirmed.exit_status != 0:
             raise HostError(f"the confirmation came too late; {self._rollback_answer(confirmed.stdout)}")
         ctx.log("switch confirmed")
+
+    async def _follow_switch(self, ctx: HostContext, host: Mapping[str, Any], deploy_key: str) -> dict[str, Any]:
+        """Reconnect and read `nix-dabei status` until the switch of `host['flake']` no longer runs."""
+        while True:
+            try:
+                conn = await self._connect(ctx, host, deploy_key, ctx.deadline)
+            except HostError:
+                if ctx.remaining() < _POLL_SECONDS:
+                    raise
+                await asyncio.sleep(_POLL_SECONDS)
+                continue
+            with contextlib.closing(conn):
+                try:
+                    while True:
+                        status = await self._status(conn)
+                        record = status.get("confirm") or {}
+                        if record.get("flake") == host["flake"] and record.get("state") != "switching":
+                            return status
+                        if ctx.remaining() < _POLL_SECONDS:
+                            raise HostError(
+                                f"the switch did not end before the deadline; it is {record.get('state')!r}"
+                            )
+                        await asyncio.sleep(_POLL_SECONDS)
+                except SshError:
+                    continue
 
     @staticmethod
     def _rollback_answer(stdout: str) -> str:

@@ -237,3 +237,37 @@ def test_a_good_config_goes_through_the_fleet_in_batches(sim: SimThread, new_sta
     for name in names[:2]:
         assert log.index(f"[{name}] firstboot: switch confirmed") < third_starts
     assert preview(stack, args)[0] == {}
+
+
+def test_a_health_check_failing_after_a_first_boot_fails_the_host_with_its_output(
+    sim: SimThread, new_stack: Callable[[], Stack]
+) -> None:
+    stack = new_stack()
+    check = HealthCheck(name="db", command="echo 'db: no connection' >&2; exit 3", within_seconds=3)
+    args = fleet(stack, sim, 1, Rollout(), check)
+    with pytest.raises(UpFailed) as failed:
+        stack.up(args)
+    text = str(failed.value)
+    name = args.hosts[0].name
+    assert f"{name}: health check 'db' failed:" in text
+    assert "exit status 3" in text and "db: no connection" in text
+    assert "after the first boot; the host keeps the system it booted" in text
+
+
+def test_a_switch_that_cuts_the_connection_is_followed_checked_and_confirmed(
+    sim: SimThread, new_stack: Callable[[], Stack]
+) -> None:
+    """A switch that restarts the network breaks the SSH connection `nix-dabei apply` runs in: the switch
+    goes on, and the deployer follows it over a new connection, checks the host and confirms."""
+    stack = new_stack()
+    args = fleet(stack, sim, 1, Rollout(confirm_seconds=60), HealthCheck(command="app-health"))
+    stack.up(args)
+    name = args.hosts[0].name
+    root = rootfs(sim, stack, name)
+    new = f"{FLAKE}?rev={stack.name}-new-network"
+    behave(sim, new, session="cut")
+    stack.up(with_flake(args, new))
+    assert f"[{name}] firstboot: the connection broke off during the switch" in stack.log_text()
+    assert "cut 1 SSH connection(s)" in sim.boot_log(stack.hosts("firstboot")[name]["server_id"])
+    assert confirm_record(root)["state"] == "confirmed"
+    assert rebuilt(root)[-1] == new and generation(root) == "system-2-link"
