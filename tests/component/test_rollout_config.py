@@ -4,9 +4,11 @@ config key, batch sizes, the batch gate, and the batches the step's `check()` pu
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from dabei_component.component import InvalidArgs, validate
 from dabei_component.keys import generate_ssh_keypair
@@ -14,6 +16,7 @@ from dabei_component.program import config_key, fleet_args_from_config
 from dabei_component.rollout import HealthCheck, HostNotTouched, Rollout, RolloutGate, batch_size, plan_batches
 from dabei_component.steps.firstboot import FirstBootProvider
 
+PROJECT = Path(__file__).resolve().parents[2]
 IMAGE = {"flake": "github:example/infra", "attr": "packages.x86_64-linux.image"}
 
 
@@ -161,3 +164,17 @@ def test_check_puts_the_in_place_batches_into_the_inputs() -> None:
     assert checked.inputs["rollout"] == {"max_unavailable": "50%", "confirm_seconds": 60.0, "batches": [["a", "c"]]}
     # Nothing to switch: no batches.
     assert provider.check(old, dict(old)).inputs["rollout"]["batches"] == []
+
+
+def test_the_example_stack_config_reads_and_validates() -> None:
+    config = yaml.safe_load((PROJECT / "Pulumi.dev.yaml").read_text())["config"]
+    args = fleet_args_from_config(
+        config["nix-dabei:image"],
+        config["nix-dabei:hosts"],
+        config.get("nix-dabei:deadlines"),
+        health_checks=config.get("nix-dabei:healthChecks"),
+        rollout=config.get("nix-dabei:rollout"),
+    )
+    assert [c.name for c in args.health_checks] == ["sshd", "web"]
+    assert args.rollout == Rollout(max_unavailable=1, confirm_seconds=120.0)
+    assert validate(args) == []
