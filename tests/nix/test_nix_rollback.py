@@ -186,3 +186,24 @@ def test_an_apply_that_dies_mid_build_switches_nothing(host: Path) -> None:
 
 def rebuilt_flakes(root: Path) -> list[str]:
     return (root / "var/lib/nix-dabei-sim/rebuilds.log").read_text().splitlines()
+
+
+def test_after_a_reboot_the_watchdog_resumes_and_rolls_back(host: Path) -> None:
+    """A reboot in the window ends the watchdog; the boot unit `nix-dabei-watchdog` runs `nix-dabei watchdog`
+    without a token, which finds the waiting switch and rolls it back once its window is over."""
+    root = root_of(host)
+    config = json.loads(host.read_text())
+    config["watchdog_command"] = ["true", "{token}"]  # started, and gone at once: as after a reboot
+    host.write_text(json.dumps(config))
+    record = apply(host, NEW, 2)["confirm"]
+    time.sleep(3)
+    assert json.loads(run_cli(host, "status").stdout)["confirm"]["state"] == "awaiting-confirmation"
+    resumed = run_cli(host, "watchdog")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"watchdog {record['token']}: resumed (awaiting-confirmation)" in resumed.stderr
+    after = json.loads(run_cli(host, "status").stdout)["confirm"]
+    assert after["state"] == "rolled-back" and after["reason"] == "not confirmed within 2s of the switch"
+    assert profile(root) == "system-1-link" and os.readlink(root / "run/current-system") == system_path(OLD, HOST)
+    # Nothing waits any more: the next boot's watchdog has nothing to do.
+    again = run_cli(host, "watchdog")
+    assert again.returncode == 0 and "resumed" not in again.stderr
