@@ -31,6 +31,7 @@ import pulumi_hcloud as hcloud
 
 from . import validation
 from .keys import PublicKey, known_hosts_line
+from .rollout import HealthCheck, Rollout, check_health_check, check_rollout
 from .steps.firstboot import FirstBoot
 from .steps.image import Image
 from .steps.install import Install
@@ -72,6 +73,8 @@ class HostArgs:
     # A new ID wipes the disk and reinstalls the host from the current image; None: never reinstall. A new
     # image alone applies only to hosts installed from then on.
     reinstall: str | None = None
+    # Checked after each switch and first boot, after the fleet's own `health_checks`.
+    health_checks: list[HealthCheck] = field(default_factory=list)
 
 
 @dataclass
@@ -81,6 +84,9 @@ class FleetArgs:
     deadlines: Deadlines = field(default_factory=Deadlines)
     placeholder_image: str = DEFAULT_PLACEHOLDER_IMAGE
     ssh_port: int = 22  # only for the local simulator; Hetzner's rescue listens on 22
+    # Checked on every host after each switch and first boot (see rollout.py).
+    health_checks: list[HealthCheck] = field(default_factory=list)
+    rollout: Rollout = field(default_factory=Rollout)
 
 
 class InvalidArgs(ValueError):
@@ -108,9 +114,29 @@ def validate(args: FleetArgs) -> list[validation.Problem]:
         problems += validation.firewall_ids(f"{p}.firewall_ids", host.firewall_ids)
         problems += validation.disk(f"{p}.disk", host.disk)
         problems += validation.reinstall(f"{p}.reinstall", host.reinstall)
+        problems += _health_checks(f"{p}.health_checks", host.health_checks)
     problems += validation.flake_ref("image.flake", args.image.flake)
     for step in ("rescue", "install", "firstboot"):
         problems += validation.positive_seconds(f"deadlines.{step}", getattr(args.deadlines, step))
+    problems += _health_checks("health_checks", args.health_checks)
+    if not isinstance(args.rollout, Rollout):
+        problems.append(("rollout", f"expected a Rollout, got {type(args.rollout).__name__}"))
+    else:
+        problems += check_rollout("rollout", {**args.rollout.wire(), "max_unavailable": args.rollout.max_unavailable})
+    return problems
+
+
+def _health_checks(prop: str, checks: Any) -> list[validation.Problem]:
+    if not isinstance(checks, list):
+        return [(prop, f"expected a list of health checks, got {type(checks).__name__}")]
+    problems: list[validation.Problem] = []
+    for i, check in enumerate(checks):
+        if not isinstance(check, HealthCheck):
+            problems.append((f"{prop}[{i}]", f"expected a HealthCheck, got {type(check).__name__}"))
+            continue
+        problems += check_health_check(f"{prop}[{i}]", {k: v for k, v in vars(check).items() if k != "name"})
+        if check.name is not None and (not isinstance(check.name, str) or not check.name.strip()):
+            problems.append((f"{prop}[{i}].name", f"expected a non-empty name, got {check.name!r}"))
     return problems
 
 
@@ -397,6 +423,13 @@ class Fleet(pulumi.ComponentResource):
             installed=_step_results(self.install.hosts, ("installed_image", "rescue_boot_id")),
             deploy_private_key=self.keys.deploy_private_key,
             deadline_seconds=args.deadlines.firstboot,
+            rollout=args.rollout.wire(),
+            # Only hosts with checks: adding a host without any shows nothing here in a preview.
+            health_checks={
+                h.name: [c.wire() for c in [*args.health_checks, *h.health_checks]]
+                for h in args.hosts
+                if args.health_checks or h.health_checks
+            },
             opts=child,
         )
         for h in args.hosts:

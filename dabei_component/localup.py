@@ -144,6 +144,8 @@ class Change:
     op: str  # create, update, replace, delete, same
     key: str
     paths: tuple[str, ...] = ()
+    # The checked inputs the step goes ahead with (what `pulumi preview --diff` prints the changed values of).
+    inputs: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     @property
     def type(self) -> str:
@@ -343,7 +345,7 @@ class LocalEngine(pulumi_mocks.Mocks):
 
     def _step(self, key: str, rec: Recorded, op: str, paths: tuple[str, ...] | list[str]) -> None:
         with self._lock:
-            self._plan.append(Change(op, key, tuple(paths)))
+            self._plan.append(Change(op, key, tuple(paths), rec.inputs))
             if not self._preview:
                 self._working[key] = rec
                 self.state[key] = rec

@@ -6,6 +6,8 @@ Stack config (namespace `nix-dabei`):
     nix-dabei:image:      {flake: <flake ref>, attr: <output attribute>, nixArgs: [..]}
     nix-dabei:hosts:      [{name, serverType, location, flake, sshKeys, labels, firewallIds, disk, reinstall}]
     nix-dabei:deadlines:  {rescue: s, install: s, firstboot: s}
+    nix-dabei:healthChecks: [{name, command | http | tcp, expectStatus, withinSeconds, timeoutSeconds}]
+    nix-dabei:rollout:    {maxUnavailable: 1 | "25%", confirmSeconds: s}
     nix-dabei:sshPort:    22 (only for the local simulator)
     hcloud:token:         secret
 """
@@ -19,6 +21,7 @@ import pulumi
 import pulumi_command as command
 
 from .component import Deadlines, Fleet, FleetArgs, HostArgs, ImageArgs, InvalidArgs
+from .rollout import HealthCheck, Rollout
 
 Problems = list[tuple[str, str]]
 
@@ -114,6 +117,54 @@ def _port(prop: str, value: Any, problems: Problems) -> int:
     return 22
 
 
+def _whole_number(prop: str, value: Any, problems: Problems, what: str) -> Any:
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    problems.append((prop, f"expected {what}, got {value!r}"))
+    return None
+
+
+_CHECK_KEYS: dict[str, tuple[str, Any]] = {
+    "name": ("name", _text),
+    "command": ("command", _text),
+    "http": ("http", _text),
+    "tcp": ("tcp", lambda p, v, pr: _whole_number(p, v, pr, "a port number")),
+    "expectStatus": ("expect_status", lambda p, v, pr: _whole_number(p, v, pr, "an HTTP status code such as 200")),
+    "withinSeconds": ("within_seconds", lambda p, v, pr: _seconds(p, v, pr)),
+    "timeoutSeconds": ("timeout_seconds", lambda p, v, pr: _seconds(p, v, pr)),
+}
+
+
+def _health_check(prop: str, value: Any, problems: Problems) -> Any:
+    """`{name, command | http | tcp, expectStatus, withinSeconds, timeoutSeconds}`; the component checks
+    the combination (exactly one of command, http, tcp) and the ranges."""
+    if not isinstance(value, dict):
+        problems.append((prop, f"expected an object {{command | http | tcp, ...}}, got {_typed_scalar(value)}"))
+        return None
+    problems += [(f"{prop}.{k}", "unknown key") for k in sorted(set(value) - set(_CHECK_KEYS))]
+    kwargs = {}
+    for key, (attr, read) in _CHECK_KEYS.items():
+        if key in value:
+            kwargs[attr] = read(f"{prop}.{key}", value[key], problems)
+    return HealthCheck(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def _health_checks(prop: str, value: Any, problems: Problems) -> list[Any]:
+    return _list(prop, value, problems, _health_check)
+
+
+def _max_unavailable(prop: str, value: Any, problems: Problems) -> Any:
+    """A count (a number or digit string) or a percentage string such as '25%'."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    if isinstance(value, int | str) and not isinstance(value, bool):
+        return value.strip() if isinstance(value, str) else value
+    problems.append((prop, f"expected a number of hosts or a percentage such as '25%', got {value!r}"))
+    return None
+
+
 _HOST_KEYS: dict[str, tuple[str, Any]] = {
     "name": ("name", _text),
     "serverType": ("server_type", _text),
@@ -124,20 +175,32 @@ _HOST_KEYS: dict[str, tuple[str, Any]] = {
     "firewallIds": ("firewall_ids", lambda p, v, pr: _list(p, v, pr, _firewall_id)),
     "disk": ("disk", _text),
     "reinstall": ("reinstall", _text),
+    "healthChecks": ("health_checks", _health_checks),
 }
 _REQUIRED_HOST_KEYS = ("name", "serverType", "location", "flake")
-_CONFIG_NAMES = {attr: key for key, (attr, _) in _HOST_KEYS.items()} | {"nix_args": "nixArgs", "ssh_port": "sshPort"}
+_CONFIG_NAMES = (
+    {attr: key for key, (attr, _) in {**_HOST_KEYS, **_CHECK_KEYS}.items()}
+    | {"nix_args": "nixArgs", "ssh_port": "sshPort"}
+    | {"max_unavailable": "maxUnavailable", "confirm_seconds": "confirmSeconds"}
+)
 
 
 def config_key(prop: str, ns: str = "nix-dabei") -> str:
     """The stack config key of a component property: `hosts[0].ssh_keys[1]` -> `nix-dabei:hosts[0].sshKeys[1]`."""
-    # Only property names: at the start, after `image.` or after a list index (never a label's key).
-    renamed = re.sub(r"(^image\.|^|\]\.)([a-z_]+)", lambda m: m[1] + _CONFIG_NAMES.get(m[2], m[2]), prop)
+    # Only property names: at the start, after `image.`/`rollout.` or after a list index (never a label's key).
+    renamed = re.sub(r"(^image\.|^rollout\.|^|\]\.)([a-z_]+)", lambda m: m[1] + _CONFIG_NAMES.get(m[2], m[2]), prop)
     return f"{ns}:{renamed}"
 
 
 def fleet_args_from_config(
-    image: Any, hosts: Any, deadlines: Any = None, ssh_port: Any = None, ns: str = "nix-dabei"
+    image: Any,
+    hosts: Any,
+    deadlines: Any = None,
+    ssh_port: Any = None,
+    ns: str = "nix-dabei",
+    *,
+    health_checks: Any = None,
+    rollout: Any = None,
 ) -> FleetArgs:
     """Build typed args from stack config values, naming the config key of every wrong value.
 
@@ -181,9 +244,22 @@ def fleet_args_from_config(
                 if k in deadlines:
                     setattr(dl, k, _seconds(f"{ns}:deadlines.{k}", deadlines[k], problems))
     port = 22 if ssh_port is None else _port(f"{ns}:sshPort", ssh_port, problems)
+    checks = [] if health_checks is None else _health_checks(f"{ns}:healthChecks", health_checks, problems)
+    plan = Rollout()
+    if rollout is not None:
+        if not isinstance(rollout, dict):
+            problems.append((f"{ns}:rollout", "expected an object {maxUnavailable, confirmSeconds}"))
+        else:
+            known = {"maxUnavailable", "confirmSeconds"}
+            problems += [(f"{ns}:rollout.{k}", "unknown key") for k in sorted(set(rollout) - known)]
+            where = f"{ns}:rollout"
+            if "maxUnavailable" in rollout:
+                plan.max_unavailable = _max_unavailable(f"{where}.maxUnavailable", rollout["maxUnavailable"], problems)
+            if "confirmSeconds" in rollout:
+                plan.confirm_seconds = _seconds(f"{where}.confirmSeconds", rollout["confirmSeconds"], problems)
     if problems:
         raise InvalidArgs(problems)
-    return FleetArgs(hosts=host_args, image=image_args, deadlines=dl, ssh_port=port)
+    return FleetArgs(hosts=host_args, image=image_args, deadlines=dl, ssh_port=port, health_checks=checks, rollout=plan)
 
 
 def exports(fleet: Fleet) -> dict[str, Any]:
@@ -224,6 +300,8 @@ def main() -> None:
         cfg.require_object("hosts"),
         cfg.get_object("deadlines"),
         cfg.get("sshPort"),
+        health_checks=cfg.get_object("healthChecks"),
+        rollout=cfg.get_object("rollout"),
     )
     for key, value in declare(args).items():
         pulumi.export(key, value)

@@ -14,6 +14,7 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
@@ -27,7 +28,7 @@ from dabei_firstboot.seed import SeedError, find_seed_partition, read_seed
 
 from .client import free_port
 from .disk import Disk
-from .fake_rebuild import SIM_STATE
+from .fake_rebuild import ACTIVE_SYSTEM, CUT_SESSIONS, SIM_STATE, SSHD_STATE
 from .sshd import FaultProxy, NamespacedProcess, PrivateDev, SshDaemon, SshdSettings
 from .state import Durations
 
@@ -124,6 +125,9 @@ class Machine:
         self._proxy: FaultProxy | None = None
         self._delayed_start: asyncio.Task[None] | None = None
         self._background: list[NamespacedProcess] = []
+        # Tasks and servers of the installed system (the active-system follower, the HTTP endpoint).
+        self._services: list[asyncio.Task[None] | asyncio.Server] = []
+        self.app_port: int | None = None
         self._lock = asyncio.Lock()
 
     # --- paths -------------------------------------------------------------------------------------------
@@ -253,6 +257,7 @@ class Machine:
             "metadata_url": self.spec.metadata_url,
             "faults": self.faults.to_dict(),
             "boot_error": self.boot_error,
+            "app_port": self.app_port,
         }
 
     # --- for boot hooks ----------------------------------------------------------------------------------
@@ -275,6 +280,69 @@ class Machine:
         )
         self._background.append(process)
         await process.start()
+
+    async def follow_active_system(self, root: Path) -> None:
+        """Apply what the active configuration says about sshd (`ACTIVE_SYSTEM`, written by the fake
+        switch) until halt: root refused at login (`DenyUsers`, open sessions stay) or accepted again;
+        each applied state is acknowledged in `SSHD_STATE`, which the switch waits for."""
+        (root / SSHD_STATE).unlink(missing_ok=True)  # a fresh boot: sshd starts with the image's settings
+        self._services.append(asyncio.create_task(self._follow(root)))
+
+    async def _follow(self, root: Path) -> None:
+        applied = "ok"
+        while True:
+            wanted = _active(root).get("ssh", "ok")
+            if wanted != applied and self._sshd is not None and self._sshd.pid is not None:
+                self._sshd.settings.deny_users = "root" if wanted == "refused" else None
+                await self._sshd.reload()
+                applied = wanted
+                self.log_boot(f"sshd now {'refuses root' if wanted == 'refused' else 'accepts root'} (active system)")
+                state = root / SSHD_STATE
+                state.parent.mkdir(parents=True, exist_ok=True)
+                state.write_text(applied + "\n")
+            if (root / CUT_SESSIONS).exists():
+                self._cut_sessions()
+                (root / CUT_SESSIONS).unlink(missing_ok=True)
+            await asyncio.sleep(0.1)
+
+    def _cut_sessions(self) -> None:
+        """Kill sshd's per-connection processes: every open SSH connection breaks off, what they started
+        goes on (as when a switch restarts the network under them)."""
+        pid = self._sshd.pid if self._sshd is not None else None
+        if pid is None:
+            return
+        try:
+            sessions = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            return
+        for child in sessions:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(child), signal.SIGKILL)
+        self.log_boot(f"cut {len(sessions)} SSH connection(s) (the active system's switch)")
+
+    async def serve_app(self, root: Path, port: int) -> None:
+        """The installed system's HTTP endpoint on ipv4:port: 200 while the active configuration is healthy,
+        503 when it says `health: failing` (a target for the deployer's HTTP and TCP probes)."""
+
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                healthy = _active(root).get("health", "ok") == "ok"
+                body = b"ok\n" if healthy else b"unhealthy (simulated)\n"
+                status = b"200 OK" if healthy else b"503 Service Unavailable"
+                writer.write(
+                    b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+                )
+                await writer.drain()
+            except (OSError, asyncio.IncompleteReadError, TimeoutError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(answer, self.spec.ipv4, port, reuse_address=True)
+        self._services.append(server)
+        self.app_port = port
 
     def log_boot(self, message: str) -> None:
         """One line in log/boot.log, the machine's console."""
@@ -377,6 +445,15 @@ class Machine:
         if self._sshd is not None:
             await self._sshd.stop()
             self._sshd = None
+        for service in self._services:
+            if isinstance(service, asyncio.Server):
+                service.close()
+            else:
+                service.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await service
+        self._services = []
+        self.app_port = None
         for process in self._background:
             await process.stop()
         self._background = []
@@ -398,6 +475,10 @@ class InstalledNixosHook:
     rebuild_backoff_seconds: float = 0.2
     # The simulator's durations; `rebuild` is how long each rebuild attempt takes (none: instant).
     durations: Durations | None = None
+    # What each flake's configuration does (`/_sim/flakes`), read by the fake switch.
+    behaviours: Path | None = None
+    # The port of the installed system's HTTP endpoint (None: no endpoint).
+    app_port: int | None = None
 
     async def __call__(self, machine: Machine) -> None:
         disk, root = machine.disk_path, machine.rootfs
@@ -413,7 +494,8 @@ class InstalledNixosHook:
         config_path = machine.state_dir / "nix-dabei.json"
         config_path.write_text(json.dumps(self.program_config(machine), indent=2) + "\n")
         bin_dir = machine.state_dir / "bin"
-        _write_cli_wrapper(bin_dir / "nix-dabei")
+        _write_cli_wrapper(bin_dir / "nix-dabei", "dabei_firstboot")
+        _write_cli_wrapper(bin_dir / "app-health", "dabei_component.sim.fake_rebuild", "health", "--root", str(root))
         env = {
             "PATH": f"{bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "NIX_DABEI_CONFIG": str(config_path),
@@ -431,10 +513,14 @@ class InstalledNixosHook:
             authorized_keys=root / ROOT_AUTHORIZED_KEYS,
             set_env=env,
         )
+        await machine.follow_active_system(root)
+        if self.app_port is not None:
+            await machine.serve_app(root, self.app_port)
         await machine.spawn("firstboot", ["nix-dabei", "firstboot"], hostname=machine.spec.name, env=env)
 
     def program_config(self, machine: Machine) -> dict[str, Any]:
         root = str(machine.rootfs)
+        fake = [sys.executable, "-m", "dabei_component.sim.fake_rebuild"]
         return {
             "root": root,
             "metadata_url": machine.spec.metadata_url,
@@ -455,7 +541,10 @@ class InstalledNixosHook:
                 "{hostname}",
                 "--seconds",
                 str(self.durations.rebuild if self.durations is not None else 0.0),
+                *(["--behaviours", str(self.behaviours)] if self.behaviours is not None else []),
             ],
+            "switch_generation_command": [*fake, "switch-generation", "--root", root, "{generation}"],
+            "activate_command": [*fake, "activate", "--root", root, "{system}"],
             "rebuild_retries": self.rebuild_retries,
             "rebuild_backoff_seconds": self.rebuild_backoff_seconds,
             "network_reload_command": None,
@@ -490,11 +579,21 @@ def _has_fresh_seed(disk: Path) -> bool:
     return True
 
 
-def _write_cli_wrapper(path: Path) -> None:
-    """`nix-dabei` for SSH sessions: the real program, run with this simulator's interpreter."""
+def _write_cli_wrapper(path: Path, module: str, *args: str) -> None:
+    """A command for SSH sessions (`nix-dabei`: the real program), run with this simulator's interpreter."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m dabei_firstboot "$@"\n')
+    argv = " ".join(shlex.quote(a) for a in (sys.executable, "-m", module, *args))
+    path.write_text(f'#!/bin/sh\nexec {argv} "$@"\n')
     path.chmod(0o755)
+
+
+def _active(root: Path) -> dict[str, Any]:
+    """What the active configuration does (`ACTIVE_SYSTEM`); nothing written yet: all well."""
+    try:
+        value = json.loads((root / ACTIVE_SYSTEM).read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 async def _run_logged(machine: Machine, argv: list[str], env: dict[str, str]) -> None:

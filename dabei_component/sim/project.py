@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from .client import free_port
 from .errors import ApiError, locked
 from .faults import Faults
 from .ratelimit import RateLimiter
@@ -56,11 +57,13 @@ def real_machine(spec: dict[str, Any], ssh_port: int, boot_hook: Any) -> Machine
     return machine
 
 
-def default_boot_hook(durations: Durations) -> Any:
-    """The installed NixOS emulation, its rebuild taking `durations.rebuild` (read at each boot)."""
+def default_boot_hook(durations: Durations, behaviours: Path | None = None, app_port: int | None = None) -> Any:
+    """The installed NixOS emulation, its rebuild taking `durations.rebuild` (read at each boot); what each
+    flake's configuration does comes from the `behaviours` file (`/_sim/flakes`); its HTTP endpoint listens
+    on `app_port` (None: none)."""
     from .machine import InstalledNixosHook
 
-    return InstalledNixosHook(durations=durations)
+    return InstalledNixosHook(durations=durations, behaviours=behaviours, app_port=app_port)
 
 
 Work = Callable[[], Awaitable[None]]
@@ -82,6 +85,8 @@ class Project:
         self.boot_hook = boot_hook
         self.machine_factory = machine_factory
         self.metadata_base = ""  # "http://HOST:PORT/_metadata", known once the listener is bound
+        # The port of every installed host's HTTP endpoint (each host listens on its own address).
+        self.app_port = free_port()
         self.faults = Faults()
         self.ratelimit = RateLimiter()
         self.addresses = AddressPool()
@@ -99,6 +104,11 @@ class Project:
         self._action_ids = itertools.count(90_000_001)
         self._ssh_key_ids = itertools.count(3_001)
         self._image_ids = itertools.count(200_000_001)
+
+    @property
+    def flake_behaviours_path(self) -> Path:
+        """What each flake's configuration does once a simulated host switched to it (`/_sim/flakes`)."""
+        return self.state_dir / "flake-behaviours.json"
 
     # --- ids and lookups ------------------------------------------------------------------------
 
@@ -205,7 +215,9 @@ class Project:
             "state_dir": self.state_dir / "servers" / str(server.id),
             "metadata_url": self.metadata_url(server.id),
         }
-        boot_hook = self.boot_hook if self.boot_hook is not None else default_boot_hook(self.durations)
+        boot_hook = self.boot_hook
+        if boot_hook is None:
+            boot_hook = default_boot_hook(self.durations, self.flake_behaviours_path, self.app_port)
         machine = self.machine_factory(spec, self.ssh_port, boot_hook)
         self.machines[server.id] = machine
         return machine

@@ -131,7 +131,8 @@ def test_a_new_flake_revision_previews_on_first_boot_only_and_applies_in_place(
     up(engine, fleet(sim, "fl"), "fl")
     before = step_hosts(engine, "fl", "firstboot")
     changed = fleet(sim, "fl", flake="github:example/infra?rev=2")
-    assert preview(engine, changed, "fl") == {"fl-firstboot": (UPDATE, ("hosts.fl-1.flake",))}
+    # The rollout input shows how the in-place switch will go: one batch, fl-1 alone.
+    assert preview(engine, changed, "fl") == {"fl-firstboot": (UPDATE, ("hosts.fl-1.flake", "rollout.batches"))}
     up(engine, changed, "fl")
     after = step_hosts(engine, "fl", "firstboot")
     assert after["fl-1"]["boot_id"] == before["fl-1"]["boot_id"], "applied in place, no reboot"
