@@ -286,7 +286,7 @@ class Machine:
     async def start_installed_sshd(
         self, *, hostname: str, host_key: Path, authorized_keys: Path, set_env: dict[str, str]
     ) -> None:
-        """Start the installed system's sshd on its address (`MachineSpec.address`), port ssh_port (honouring the SSH faults)."""
+        """Start the installed system's sshd on `MachineSpec.address`:ssh_port (honouring the SSH faults)."""
         await self._start_ssh(
             hostname=hostname,
             host_key=host_key,
