@@ -100,8 +100,8 @@ class PrimaryIp:
 
 
 def _store(project: Project, kind: str) -> dict[int, Any]:
-    stores: dict[str, dict[int, Any]] = project.extra.setdefault(kind, {})
-    return stores
+    store: dict[int, Any] = project.extra.setdefault(kind, {})
+    return store
 
 
 def networks(project: Project) -> dict[int, Network]:
@@ -323,7 +323,8 @@ def placement_group(project: Project, ident: Any) -> int | None:
 
 def attach(project: Project, server: Server, body: dict[str, Any]) -> dict[str, Any]:
     """The `private_net` entry for attaching `server` as `body` asks (`network`, `ip`, `alias_ips`)."""
-    net = networks(project).get(body.get("network")) if isinstance(body.get("network"), int) else None
+    ident = body.get("network")
+    net = networks(project).get(ident) if isinstance(ident, int) else None
     if net is None:
         raise invalid_input({"network": [f"unknown network {body.get('network')!r}"]})
     if any(n["network"] == net.id for n in server.private_net):
@@ -375,7 +376,7 @@ async def change_protection(request: web.Request) -> web.Response:
     project = request.app[PROJECT]
     server = project.server(path_id(request))
     body = await read_json(request)
-    changes = {k: body[k] for k in ("delete", "rebuild") if k in body}
+    changes: dict[str, bool] = {k: body[k] for k in ("delete", "rebuild") if k in body}
     if not all(isinstance(v, bool) for v in changes.values()):
         raise invalid_input({k: ["must be a boolean"] for k in changes})
 

@@ -19,7 +19,7 @@ import asyncssh
 import pulumi
 
 from ..ssh import HostKeyMismatch, SshError, connect, run
-from .base import FleetStep, HostContext, HostError, secret_options
+from .base import FleetStep, HostContext, HostError, host_address, secret_options
 from .rescue import wants_install
 
 _POLL_SECONDS = 1.0
@@ -59,7 +59,7 @@ class FirstBootProvider(FleetStep):
         assert self.settings is not None
         try:
             conn, _ = await connect(
-                host["ipv4"],
+                host_address(host),
                 port=self.settings.ssh_port,
                 client_key=deploy_key,
                 host_key=host["host_public_key"],
