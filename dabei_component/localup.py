@@ -59,9 +59,11 @@ HCLOUD_GET_SSH_KEY = "hcloud:index/getSshKey:getSshKey"
 COMMAND = "command:remote:Command"
 
 # Server inputs whose change makes pulumi-hcloud replace the server (ForceNew in terraform-provider-hcloud's
-# `hcloud_server`: location, public_net, placement_group_id is in place there but not in this stand-in); the
-# other inputs it changes in place (`server_type` by a resize).
-SERVER_REPLACE_ON = ("location", "publicNets", "placementGroupId", "networks")
+# `hcloud_server`); the other inputs it changes in place (`server_type` by a resize).
+SERVER_REPLACE_ON = ("location",)
+# Inputs pulumi-hcloud changes on an existing server that this stand-in only sets at creation: a change is
+# refused rather than silently not applied.
+SERVER_CREATE_ONLY = ("networks", "placementGroupId", "publicNets")
 HCLOUD_GET_SERVER = "hcloud:index/getServer:getServer"
 # Outputs of an hcloud server that only the API knows (not known in a preview of its creation).
 SERVER_COMPUTED = ("ipv4Address", "ipv6Address", "ipv6Network", "status")
@@ -417,6 +419,9 @@ class LocalEngine(pulumi_mocks.Mocks):
                 rec.outputs = {**inputs, **{k: pulumi.output.UNKNOWN for k in SERVER_COMPUTED}}
             self._step(key, rec, op, paths)
             return op, rec
+        unsupported = sorted({p.split(".")[0].split("[")[0] for p in paths} & set(SERVER_CREATE_ONLY))
+        if op == "update" and unsupported:
+            raise UpFailed(f"{key}: the local engine's pulumi-hcloud stand-in sets {unsupported} only at creation")
         if op in ("create", "replace"):
             server = self._create_server(inputs)
         else:
