@@ -159,6 +159,15 @@ def test_server_settings_pass_through_and_an_ipv6_only_host_converges(
     )
     assert out.split() == ["agenix-secret", "sops-secret"]
 
+    # The stand-in sets networks only at creation: a later change is refused, not silently dropped.
+    attached = args.hosts[0].networks
+    args.hosts[0].networks = [hcloud.ServerNetworkArgs(network_id=network, ip="10.0.1.7")]
+    assert engine.preview(program).changes() == {"cs-cs-1-server": (UPDATE, ("networks[0].aliasIps", "networks[0].ip"))}
+    with pytest.raises(UpFailed, match=r"sets \['networks'\] only at creation"):
+        engine.up(program)
+    args.hosts[0].networks = attached
+    assert engine.preview(program).changes() == {}
+
     # Delete protection holds until the settings say otherwise, as with pulumi-hcloud.
     with pytest.raises(APIException, match="protected"):
         api.servers.get_by_id(one["id"]).delete()
