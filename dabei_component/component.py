@@ -308,15 +308,7 @@ class Host(pulumi.ComponentResource):
         self.host_key = HostKey(f"{name}-hostkey", host=args.name, adopt_private_key=adopt_host_key, opts=child)
         self.server: hcloud.Server | None = None  # only a server the component created
         existing = args.existing_server
-        if isinstance(existing, hcloud.Server):
-            ipv4, ipv6, self.server_id = existing.ipv4_address, existing.ipv6_address, existing.id.apply(int)
-            self.server_type, self.location = existing.server_type, existing.location
-            server_name: pulumi.Output[str] = existing.name
-        elif existing is not None:
-            found = hcloud.get_server_output(id=existing)
-            ipv4, ipv6, self.server_id = found.ipv4_address, found.ipv6_address, found.id.apply(int)
-            self.server_type, self.location, server_name = found.server_type, found.location, found.name
-        else:
+        if existing is None:
             self.server = hcloud.Server(
                 f"{name}-server",
                 name=args.name,
@@ -334,17 +326,17 @@ class Host(pulumi.ComponentResource):
                     ignore_changes=["image", "sshKeys", "userData"],
                 ),
             )
-            ipv4, ipv6, self.server_id = self.server.ipv4_address, self.server.ipv6_address, self.server.id.apply(int)
-            self.server_type, self.location, server_name = (
-                self.server.server_type,
-                self.server.location,
-                self.server.name,
-            )
+        # The server resource, or what pulumi-hcloud's `getServer` reads of a server given by ID: the same
+        # output names either way.
+        server: Any = self.server or (
+            existing if isinstance(existing, hcloud.Server) else hcloud.get_server_output(id=existing)
+        )
+        self.server_type, self.location = server.server_type, server.location
         # The installed system builds `<flake>#<server name from the metadata>`: it must be the host's name.
-        self.server_id = pulumi.Output.all(self.server_id, server_name).apply(partial(_same_name, args.name))
+        self.server_id = pulumi.Output.all(server.id, server.name).apply(partial(_same_name, args.name))
         # pulumi-hcloud reports an address that is off as "": the outputs say None.
-        self.ipv4 = ipv4.apply(lambda a: a or None)
-        self.ipv6 = ipv6.apply(lambda a: a or None)
+        self.ipv4 = server.ipv4_address.apply(lambda a: a or None)
+        self.ipv6 = server.ipv6_address.apply(lambda a: a or None)
         # Where the component and `connection_args()` reach the host: IPv4, else (IPv6-only) IPv6.
         self.address = pulumi.Output.all(self.ipv4, self.ipv6).apply(lambda a: a[0] or a[1])
         self.recipients = self.host_key.public_key.apply(recipients)
