@@ -15,7 +15,7 @@ from aiohttp import web
 from .errors import ApiError, invalid_input, not_found, uniqueness
 from .project import PROJECT, Project
 from .query import json_response, paginate, path_id, read_json, validate_labels
-from .state import LOCATIONS, Server, iso, location_json
+from .state import LOCATIONS, Server, datacenter_json, iso, location_json
 
 routes = web.RouteTableDef()
 _ids = itertools.count(1_100_001)
@@ -91,7 +91,7 @@ class PrimaryIp:
             "auto_delete": self.auto_delete,
             "blocked": False,
             "created": iso(self.created),
-            "datacenter": None,
+            "datacenter": datacenter_json(self.location),
             "location": location_json(self.location),
             "dns_ptr": [],
             "labels": self.labels,
@@ -258,7 +258,7 @@ async def create_primary_ip(request: web.Request) -> web.Response:
         validate_labels(body.get("labels", {})), auto_delete=bool(body.get("auto_delete", False)),
     )  # fmt: skip
     primary_ips(project)[ip.id] = ip
-    return json_response({"primary_ip": ip.to_json(), "action": None}, status=201)
+    return json_response({"primary_ip": ip.to_json()}, status=201)
 
 
 @routes.get("/v1/primary_ips")

@@ -72,6 +72,7 @@ def test_server_settings_pass_through_and_an_ipv6_only_host_converges(
         subnets=[NetworkSubnet(type="cloud", ip_range="10.0.1.0/24", network_zone="eu-central")],
     ).id
     group = api.placement_groups.create(name="cs-spread", type="spread").placement_group.id
+    primary = api.primary_ips.create(type="ipv4", name="cs-ipv4", location=Location(name="fsn1")).primary_ip
     # The dual-stack host as stack config (pulumi-hcloud's camelCase names), the IPv6-only one typed.
     base = demo_args(1, ssh_port=sim.ssh_port)
     config_host = {
@@ -84,6 +85,7 @@ def test_server_settings_pass_through_and_an_ipv6_only_host_converges(
         "deleteProtection": True,
         "rebuildProtection": "true",
         "backups": True,
+        "publicNets": [{"ipv4": primary.id}],
     }
     image = {"flake": base.image.flake, "attr": base.image.attr, "nixArgs": base.image.nix_args}
     args = fleet_args_from_config(image, [config_host], {"rescue": 300, "install": 600}, sim.ssh_port)
@@ -111,6 +113,7 @@ def test_server_settings_pass_through_and_an_ipv6_only_host_converges(
     assert one["placement_group_id"] == group
     assert one["protection"] == {"delete": True, "rebuild": True}
     assert one["backup_window"]
+    assert one["ipv4"] == primary.ip and api.primary_ips.get_by_id(primary.id).assignee_id == one["id"]
     two = control.server(engine.state[f"{HCLOUD_SERVER}::cs-cs-2-server"].id)
     assert two["ipv4"] is None and two["machine"]["ipv4"] is None
 
@@ -179,6 +182,8 @@ def test_server_settings_pass_through_and_an_ipv6_only_host_converges(
     assert control.server(one["id"])["protection"] == {"delete": False, "rebuild": False}
     engine.destroy()
     assert not [s for s in api.servers.get_all() if s.name.startswith("cs-")]
+    kept = api.primary_ips.get_by_id(primary.id)
+    assert kept.ip == primary.ip and kept.assignee_id is None, "a primary IP outlives its server"
 
 
 def test_an_existing_server_by_id_is_installed_and_survives_destroy(engine: LocalEngine, sim: SimHandle) -> None:
