@@ -40,7 +40,11 @@ import pulumi
 from hcloud import APIException, Client
 from hcloud.images import Image as HImage
 from hcloud.locations import Location
+from hcloud.networks import Network
+from hcloud.placement_groups import PlacementGroup
+from hcloud.primary_ips import PrimaryIP
 from hcloud.server_types import ServerType
+from hcloud.servers import ServerCreatePublicNetwork
 from hcloud.ssh_keys import SSHKey
 from pulumi.output import Unknown
 from pulumi.runtime import mocks as pulumi_mocks
@@ -57,6 +61,10 @@ COMMAND = "command:remote:Command"
 # Server inputs whose change makes pulumi-hcloud replace the server (ForceNew in terraform-provider-hcloud's
 # `hcloud_server`); the other inputs it changes in place (`server_type` by a resize).
 SERVER_REPLACE_ON = ("location",)
+# Inputs pulumi-hcloud changes on an existing server that this stand-in only sets at creation: a change is
+# refused rather than silently not applied.
+SERVER_CREATE_ONLY = ("networks", "placementGroupId", "publicNets")
+HCLOUD_GET_SERVER = "hcloud:index/getServer:getServer"
 # Outputs of an hcloud server that only the API knows (not known in a preview of its creation).
 SERVER_COMPUTED = ("ipv4Address", "ipv6Address", "ipv6Network", "status")
 
@@ -328,6 +336,9 @@ class LocalEngine(pulumi_mocks.Mocks):
                 count = "no" if not matches else "more than one"
                 raise UpFailed(f"getSshKey: {count} SSH key found for {wanted or selector!r}")
             return {**self._ssh_key_outputs(matches[0]), "selector": selector, "withSelector": selector}, []
+        if args.token == HCLOUD_GET_SERVER:
+            server = self.hcloud.servers.get_by_id(int(args.args["id"]))
+            return {**self._server_outputs(server, {}), "id": server.id, "name": server.name}, []
         raise UpFailed(f"unsupported invoke {args.token}")
 
     @staticmethod
@@ -410,6 +421,9 @@ class LocalEngine(pulumi_mocks.Mocks):
                 rec.outputs = {**inputs, **{k: pulumi.output.UNKNOWN for k in SERVER_COMPUTED}}
             self._step(key, rec, op, paths)
             return op, rec
+        unsupported = sorted({p.split(".")[0].split("[")[0] for p in paths} & set(SERVER_CREATE_ONLY))
+        if op == "update" and unsupported:
+            raise UpFailed(f"{key}: the local engine's pulumi-hcloud stand-in sets {unsupported} only at creation")
         if op in ("create", "replace"):
             server = self._create_server(inputs)
         else:
@@ -418,6 +432,7 @@ class LocalEngine(pulumi_mocks.Mocks):
             labels = inputs.get("labels") or {}
             if labels != server.labels:
                 server.update(labels=labels)
+            self._server_settings(server, inputs)
             if server.server_type is not None and inputs.get("serverType") != server.server_type.name:
                 self._resize(server, inputs["serverType"], upgrade_disk=not inputs.get("keepDisk"))
             server = self.hcloud.servers.get_by_id(int(old.id))
@@ -450,7 +465,13 @@ class LocalEngine(pulumi_mocks.Mocks):
         return found
 
     def _create_server(self, inputs: Mapping[str, Any]) -> Any:
+        """As terraform-provider-hcloud's `hcloud_server` create: the server (with its public networking and
+        placement group) powered off when networks are to be attached, each network attached with its IP
+        and alias IPs, then powered on; protection and backups set by their actions."""
         keys = [self._find_ssh_key_for_server(str(k)) for k in inputs.get("sshKeys", [])]
+        public = (inputs.get("publicNets") or [{}])[0]
+        networks = inputs.get("networks") or []
+        group = inputs.get("placementGroupId")
         resp = self.hcloud.servers.create(
             name=inputs["name"],
             server_type=ServerType(name=inputs["serverType"]),
@@ -458,27 +479,64 @@ class LocalEngine(pulumi_mocks.Mocks):
             location=Location(name=inputs["location"]),
             labels=inputs.get("labels") or {},
             ssh_keys=keys,
+            public_net=ServerCreatePublicNetwork(
+                ipv4=PrimaryIP(id=int(public["ipv4"])) if public.get("ipv4") else None,
+                ipv6=PrimaryIP(id=int(public["ipv6"])) if public.get("ipv6") else None,
+                enable_ipv4=public.get("ipv4Enabled", True) is not False,
+                enable_ipv6=public.get("ipv6Enabled", True) is not False,
+            ),
+            placement_group=PlacementGroup(id=int(group)) if group else None,
+            start_after_create=not networks,
         )
-        # pulumi-hcloud returns once the server runs: after the create action and the power-on after it.
         for action in [resp.action, *(resp.next_actions or [])]:
             action.wait_until_finished()
-        return self.hcloud.servers.get_by_id(int(str(resp.server.id)))
+        server = self.hcloud.servers.get_by_id(int(str(resp.server.id)))
+        for net in networks:
+            network = Network(id=int(net["networkId"]))
+            server.attach_to_network(network, ip=net.get("ip"), alias_ips=net.get("aliasIps")).wait_until_finished()
+        if networks:
+            server.power_on().wait_until_finished()
+        self._server_settings(server, inputs)
+        # pulumi-hcloud returns once the server runs.
+        return self.hcloud.servers.get_by_id(int(str(server.id)))
+
+    @staticmethod
+    def _server_settings(server: Any, inputs: Mapping[str, Any]) -> None:
+        """Protection and backups as the inputs say (pulumi-hcloud's `deleteProtection`,
+        `rebuildProtection`, `backups`), changed only when they differ."""
+        protection = server.protection or {}
+        wanted = {"delete": bool(inputs.get("deleteProtection")), "rebuild": bool(inputs.get("rebuildProtection"))}
+        if wanted != {k: bool(protection.get(k)) for k in wanted}:
+            server.change_protection(**wanted).wait_until_finished()
+        if bool(inputs.get("backups")) != bool(server.backup_window):
+            (server.enable_backup() if inputs.get("backups") else server.disable_backup()).wait_until_finished()
 
     @staticmethod
     def _server_outputs(server: Any, inputs: Mapping[str, Any]) -> dict[str, Any]:
         net = server.public_net
-        if net is None or net.ipv4 is None or net.ipv6 is None:
-            raise UpFailed(f"server {server.name!r} has no public IPv4 and IPv6 address")
         # pulumi-hcloud's outputs: `ipv6Address` is the network's first host (`<network>::1`), `ipv6Network`
-        # the /64 the API reports.
-        network = ipaddress.IPv6Network(net.ipv6.ip)
+        # the /64 the API reports; an address that is off is "".
+        network = ipaddress.IPv6Network(net.ipv6.ip) if net and net.ipv6 else None
+        group = server.placement_group
         return {
             **inputs,
             "labels": server.labels or {},
             "firewallIds": [int(f) for f in inputs.get("firewallIds") or []],
-            "ipv4Address": net.ipv4.ip,
-            "ipv6Address": str(network[1]),
-            "ipv6Network": str(network),
+            "serverType": server.server_type.name,
+            "location": server.location.name if server.location else inputs.get("location"),
+            "ipv4Address": net.ipv4.ip if net and net.ipv4 else "",
+            "ipv6Address": str(network[1]) if network else "",
+            "ipv6Network": str(network) if network else "",
+            "placementGroupId": group.id if group else None,
+            "networks": [
+                {
+                    "networkId": p.network.id,
+                    "ip": p.ip,
+                    "aliasIps": list(p.alias_ips or []),
+                    "macAddress": p.mac_address,
+                }
+                for p in server.private_net or []
+            ],
             "primaryDiskSize": server.primary_disk_size,
             "status": server.status,
             "backups": bool(server.backup_window),

@@ -4,7 +4,9 @@
 Stack config (namespace `nix-dabei`):
 
     nix-dabei:image:      {flake: <flake ref>, attr: <output attribute>, nixArgs: [..]}
-    nix-dabei:hosts:      [{name, serverType, location, flake, sshKeys, labels, firewallIds, disk, reinstall}]
+    nix-dabei:hosts:      [{name, serverType, location, flake, sshKeys, labels, firewallIds, disk, reinstall,
+                            existingServer, networks, placementGroupId, publicNets, backups, deleteProtection,
+                            rebuildProtection, keepDisk, shutdownBeforeDeletion, ignoreRemoteFirewallIds}]
     nix-dabei:deadlines:  {rescue: s, install: s, firstboot: s}
     nix-dabei:healthChecks: [{name, command | http | tcp, expectStatus, withinSeconds, timeoutSeconds}]
     nix-dabei:rollout:    {maxUnavailable: 1 | "25%", confirmSeconds: s}
@@ -19,7 +21,9 @@ from typing import Any
 
 import pulumi
 import pulumi_command as command
+import pulumi_hcloud as hcloud
 
+from . import server_options
 from .component import Deadlines, Fleet, FleetArgs, HostArgs, ImageArgs, InvalidArgs
 from .rollout import HealthCheck, Rollout
 
@@ -165,6 +169,59 @@ def _max_unavailable(prop: str, value: Any, problems: Problems) -> Any:
     return None
 
 
+def _bool(prop: str, value: Any, problems: Problems) -> Any:
+    """A boolean; the strings true/false too (`pulumi config set` without --path stores text)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    problems.append((prop, f"expected true or false, got {value!r}"))
+    return None
+
+
+def _id(what: str) -> Any:
+    def read(prop: str, value: Any, problems: Problems) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        if isinstance(value, str) and value.strip().isdigit() and int(value) > 0:
+            return int(value)
+        problems.append((prop, f"expected a {what} ID (a positive integer), got {value!r}"))
+        return None
+
+    return read
+
+
+def _object(fields: dict[str, tuple[str, Any]], args_type: Any) -> Any:
+    """A config object with pulumi-hcloud's camelCase keys, read into its `*Args` input type."""
+
+    def read(prop: str, value: Any, problems: Problems) -> Any:
+        if not isinstance(value, dict):
+            problems.append((prop, f"expected an object with keys {', '.join(fields)}, got {_typed_scalar(value)}"))
+            return None
+        problems.extend((f"{prop}.{k}", "unknown key") for k in sorted(set(value) - set(fields)))
+        kwargs = {
+            attr: read_one(f"{prop}.{k}", value[k], problems) for k, (attr, read_one) in fields.items() if k in value
+        }
+        return args_type(**kwargs)
+
+    return read
+
+
+_NETWORK_KEYS: dict[str, tuple[str, Any]] = {
+    "networkId": ("network_id", _id("network")),
+    "subnetId": ("subnet_id", _text),
+    "ip": ("ip", _text),
+    "aliasIps": ("alias_ips", lambda p, v, pr: _list(p, v, pr, _text)),
+}
+_PUBLIC_NET_KEYS: dict[str, tuple[str, Any]] = {
+    "ipv4Enabled": ("ipv4_enabled", _bool),
+    "ipv6Enabled": ("ipv6_enabled", _bool),
+    "ipv4": ("ipv4", _id("primary IP")),
+    "ipv6": ("ipv6", _id("primary IP")),
+}
+# Settings of `hcloud.Server` the component owns: accepted as keys only to be refused with the reason.
+_OWNED_KEYS = {key: (attr, lambda p, v, pr: v) for attr, key in server_options.OWNED_CONFIG.items()}
+
 _HOST_KEYS: dict[str, tuple[str, Any]] = {
     "name": ("name", _text),
     "serverType": ("server_type", _text),
@@ -176,10 +233,22 @@ _HOST_KEYS: dict[str, tuple[str, Any]] = {
     "disk": ("disk", _text),
     "reinstall": ("reinstall", _text),
     "healthChecks": ("health_checks", _health_checks),
+    "existingServer": ("existing_server", _id("server")),
+    # pulumi-hcloud's `hcloud.Server` inputs, passed through.
+    "networks": ("networks", lambda p, v, pr: _list(p, v, pr, _object(_NETWORK_KEYS, hcloud.ServerNetworkArgs))),
+    "placementGroupId": ("placement_group_id", _id("placement group")),
+    "publicNets": (
+        "public_nets",
+        lambda p, v, pr: _list(p, v, pr, _object(_PUBLIC_NET_KEYS, hcloud.ServerPublicNetArgs)),
+    ),
+    **{key: (attr, _bool) for attr, key in server_options.PASS_THROUGH.items() if attr in server_options.BOOLEANS},
+    **_OWNED_KEYS,
 }
-_REQUIRED_HOST_KEYS = ("name", "serverType", "location", "flake")
+_REQUIRED_HOST_KEYS = ("name", "flake")
+_NEW_SERVER_KEYS = ("serverType", "location")
 _CONFIG_NAMES = (
     {attr: key for key, (attr, _) in {**_HOST_KEYS, **_CHECK_KEYS}.items()}
+    | {attr: key for key, (attr, _) in {**_NETWORK_KEYS, **_PUBLIC_NET_KEYS}.items()}
     | {"nix_args": "nixArgs", "ssh_port": "sshPort"}
     | {"max_unavailable": "maxUnavailable", "confirm_seconds": "confirmSeconds"}
 )
@@ -188,7 +257,7 @@ _CONFIG_NAMES = (
 def config_key(prop: str, ns: str = "nix-dabei") -> str:
     """The stack config key of a component property: `hosts[0].ssh_keys[1]` -> `nix-dabei:hosts[0].sshKeys[1]`."""
     # Only property names: at the start, after `image.`/`rollout.` or after a list index (never a label's key).
-    renamed = re.sub(r"(^image\.|^rollout\.|^|\]\.)([a-z_]+)", lambda m: m[1] + _CONFIG_NAMES.get(m[2], m[2]), prop)
+    renamed = re.sub(r"(^image\.|^rollout\.|^|\]\.)([a-z0-9_]+)", lambda m: m[1] + _CONFIG_NAMES.get(m[2], m[2]), prop)
     return f"{ns}:{renamed}"
 
 
@@ -229,6 +298,8 @@ def fleet_args_from_config(
             continue
         problems += [(f"{where}.{k}", "unknown key") for k in sorted(set(host) - set(_HOST_KEYS))]
         problems += [(f"{where}.{k}", "required") for k in _REQUIRED_HOST_KEYS if k not in host]
+        if "existingServer" not in host:
+            problems += [(f"{where}.{k}", "required (or existingServer)") for k in _NEW_SERVER_KEYS if k not in host]
         kwargs = {
             attr: read(f"{where}.{key}", host[key], problems) for key, (attr, read) in _HOST_KEYS.items() if key in host
         }
@@ -265,7 +336,13 @@ def fleet_args_from_config(
 def exports(fleet: Fleet) -> dict[str, Any]:
     """What the stack exports: the image and, per host, its addresses, known_hosts line and system."""
     hosts = {
-        name: {"ipv4": host.ipv4, "ipv6": host.ipv6, "known_hosts": host.known_hosts, "system": host.system}
+        name: {
+            "ipv4": host.ipv4,
+            "ipv6": host.ipv6,
+            "known_hosts": host.known_hosts,
+            "system": host.system,
+            "recipients": host.recipients,
+        }
         for name, host in fleet.hosts.items()
     }
     return {"image": fleet.image.out_path, "hosts": hosts}

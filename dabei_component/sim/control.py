@@ -93,6 +93,11 @@ def server_details(project: Project, server: Server) -> dict[str, Any]:
         "mac": server.mac,
         "ssh_port": project.ssh_port,
         "ssh_key_ids": list(server.ssh_key_ids),
+        # Settings given at create or by actions, as the API shows them (GET /servers/{id} has them too).
+        "private_net": [dict(n) for n in server.private_net],
+        "placement_group_id": server.placement_group_id,
+        "protection": dict(server.protection),
+        "backup_window": server.backup_window,
         "rescue_enabled": server.rescue_enabled,
         "rescue_expires": iso(server.rescue_expires),
         "metadata_url": project.metadata_url(server.id),

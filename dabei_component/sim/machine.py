@@ -15,6 +15,7 @@ import os
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
@@ -41,12 +42,31 @@ BootHook = Callable[["Machine"], Awaitable[None]]
 class MachineSpec:
     server_id: int
     name: str
-    ipv4: str
-    ipv6_address: str
+    ipv4: str | None  # None: an IPv6-only server
+    ipv6_address: str | None
     mac: str
     disk_bytes: int
     state_dir: Path
     metadata_url: str
+
+    @property
+    def address(self) -> str:
+        """Where the machine's sshd listens: its public IPv4, or on an IPv6-only server its IPv6 address
+        (placed on this machine's loopback device by `Machine.start`, so all traffic stays here)."""
+        address = self.ipv4 or self.ipv6_address
+        if address is None:
+            raise ValueError(f"server {self.name} has neither a public IPv4 nor an IPv6 address")
+        return address
+
+
+def _loopback_ipv6(address: str, add: bool) -> None:
+    """Add or remove an IPv6 address on `lo` (root; `nodad`: usable at once). An address another simulator
+    already added stays (adding it again fails with "File exists"): addresses come from a random /48."""
+    verb = "add" if add else "del"
+    args = ["ip", "-6", "addr", verb, f"{address}/128", "dev", "lo", *(["nodad"] if add else [])]
+    done = subprocess.run(args, capture_output=True, text=True, check=False)
+    if add and done.returncode != 0 and "File exists" not in done.stderr:
+        raise RuntimeError(f"cannot put {address} on the loopback device: {done.stderr.strip()}")
 
 
 @dataclass
@@ -129,6 +149,13 @@ class Machine:
         self._services: list[asyncio.Task[None] | asyncio.Server] = []
         self.app_port: int | None = None
         self._lock = asyncio.Lock()
+        self._ipv6_on_lo = False
+
+    @property
+    def _listen_host(self) -> str:
+        """The address as sshd's ListenAddress takes it (an IPv6 address in brackets)."""
+        address = self.spec.address
+        return f"[{address}]" if ":" in address else address
 
     # --- paths -------------------------------------------------------------------------------------------
     @property
@@ -153,6 +180,11 @@ class Machine:
         return self._sshd.pid if self._sshd is not None else None
 
     # --- lifecycle ---------------------------------------------------------------------------------------
+    async def _ensure_address(self) -> None:
+        if self.spec.ipv4 is None and not self._ipv6_on_lo:
+            await asyncio.to_thread(_loopback_ipv6, self.spec.address, True)
+            self._ipv6_on_lo = True
+
     async def boot_rescue(self, authorized_keys: list[str]) -> None:
         """Boot the rescue system: fresh host key, root by these keys, hostname `rescue`, disk at /dev/sda."""
         if not isinstance(authorized_keys, list):
@@ -164,6 +196,7 @@ class Machine:
                 raise ValueError(f"authorized_keys[{index}] must be one non-empty public key line")
         async with self._lock:
             await self._halt()
+            await self._ensure_address()
             self._new_boot("rescue")
             not_rescue, self.faults.not_rescue = self.faults.not_rescue, False
             rescue_dir = self.state_dir / "rescue"
@@ -196,6 +229,7 @@ class Machine:
         """Boot the installed system: a new boot id, then the boot hook (which may start sshd)."""
         async with self._lock:
             await self._halt()
+            await self._ensure_address()
             self._new_boot("disk")
             self.disk.ensure()
             if self.faults.boot_hook_fails:
@@ -264,7 +298,7 @@ class Machine:
     async def start_installed_sshd(
         self, *, hostname: str, host_key: Path, authorized_keys: Path, set_env: dict[str, str]
     ) -> None:
-        """Start the installed system's sshd on ipv4:ssh_port (honouring the SSH faults)."""
+        """Start the installed system's sshd on `MachineSpec.address`:ssh_port (honouring the SSH faults)."""
         await self._start_ssh(
             hostname=hostname,
             host_key=host_key,
@@ -377,8 +411,8 @@ class Machine:
         rotate_after = self.faults.change_host_key_after_connections
         use_proxy = drop_after is not None or rotate_after is not None
         settings = SshdSettings(
-            listen_host=self.spec.ipv4,
-            listen_port=free_port(self.spec.ipv4) if use_proxy else self.ssh_port,
+            listen_host=self._listen_host,
+            listen_port=free_port(self.spec.address) if use_proxy else self.ssh_port,
             host_key=host_key,
             authorized_keys=authorized_keys,
             pid_file=self.state_dir / "sshd.pid",
@@ -399,7 +433,7 @@ class Machine:
                     await self._rotate_host_key()
 
             self._proxy = FaultProxy(
-                host=self.spec.ipv4,
+                host=self.spec.address,
                 port=self.ssh_port,
                 backend_port=settings.listen_port,
                 drop_after_bytes=drop_after,
@@ -416,7 +450,7 @@ class Machine:
         await self._sshd.start()
         if self._proxy is not None:
             await self._proxy.start()
-        self.log_boot(f"sshd listening on {self.spec.ipv4}:{self.ssh_port} (pid {self._sshd.pid})")
+        self.log_boot(f"sshd listening on {self._listen_host}:{self.ssh_port} (pid {self._sshd.pid})")
 
     async def _listen_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -458,6 +492,9 @@ class Machine:
             await process.stop()
         self._background = []
         await self.disk.detach()
+        if self._ipv6_on_lo:  # a halted machine leaves nothing on this machine's network
+            await asyncio.to_thread(_loopback_ipv6, self.spec.address, False)
+            self._ipv6_on_lo = False
         if self.mode != "off":
             self.log_boot("halted")
         self.mode = "off"

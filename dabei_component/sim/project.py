@@ -97,6 +97,8 @@ class Project:
             for spec in SYSTEM_IMAGES
         }
         self.actions: dict[int, Action] = {}
+        # Resources of the modules that keep their own stores (networks, placement groups, primary IPs).
+        self.extra: dict[str, Any] = {}
         self.machines: dict[int, MachineLike] = {}
         self._server_tasks: dict[int, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -252,7 +254,8 @@ class Project:
         if machine is not None:
             await machine.destroy()
             del self.machines[server.id]
-        self.addresses.release(server.ipv4)
+        if server.ipv4 is not None and server.ipv4_id is None:
+            self.addresses.release(server.ipv4)
         self._server_tasks.pop(server.id, None)
 
     async def stop(self) -> None:

@@ -26,7 +26,7 @@ from pulumi.dynamic import CheckFailure, CheckResult
 
 from .. import rollout
 from ..ssh import HostKeyMismatch, SshError, connect, run
-from .base import FleetStep, HostContext, HostError, is_unknown, secret_options
+from .base import FleetStep, HostContext, HostError, host_address, is_unknown, secret_options
 from .rescue import wants_install
 
 _POLL_SECONDS = 1.0
@@ -162,7 +162,7 @@ class FirstBootProvider(FleetStep):
         assert self.settings is not None
         try:
             conn, _ = await connect(
-                host["ipv4"],
+                host_address(host),
                 port=self.settings.ssh_port,
                 client_key=deploy_key,
                 host_key=host["host_public_key"],

@@ -11,6 +11,9 @@ from typing import Any
 
 DEFAULT_CONFIG_PATH = "/etc/nix-dabei/config.json"
 CONFIG_ENV = "NIX_DABEI_CONFIG"
+# The only address Hetzner serves the metadata on, IPv6-only servers included: there is no IPv6 metadata
+# address, and servers without a public IPv4 still reach this one link-locally through the image's DHCPv4
+# network (coreos/afterburn, src/providers/hetzner/mod.rs, on cloud-init's try of fe80::a9fe:a9fe).
 DEFAULT_METADATA_URL = "http://169.254.169.254/hetzner/v1/metadata"
 DEFAULT_REBUILD_COMMAND = ("nixos-rebuild", "switch", "--flake", "{flake}#{hostname}")
 # A rollback does what `nixos-rebuild switch --rollback` does, to a generation named exactly: point the
