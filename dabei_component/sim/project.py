@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -12,7 +14,6 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from .client import free_port
 from .errors import ApiError, locked
 from .faults import Faults
 from .ratelimit import RateLimiter
@@ -57,6 +58,21 @@ def real_machine(spec: dict[str, Any], ssh_port: int, boot_hook: Any) -> Machine
     return machine
 
 
+def service_port() -> int:
+    """A port for a service every machine listens on (the installed system's HTTP endpoint), below the
+    kernel's ephemeral range: `free_port` answers from that range, so a port it picks later for one
+    machine's address can never be this one."""
+    start = random.randrange(20000, 32000)
+    for port in [*range(start, 32000), *range(20000, start)]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and 32000")
+
+
 def default_boot_hook(durations: Durations, behaviours: Path | None = None, app_port: int | None = None) -> Any:
     """The installed NixOS emulation, its rebuild taking `durations.rebuild` (read at each boot); what each
     flake's configuration does comes from the `behaviours` file (`/_sim/flakes`); its HTTP endpoint listens
@@ -86,7 +102,7 @@ class Project:
         self.machine_factory = machine_factory
         self.metadata_base = ""  # "http://HOST:PORT/_metadata", known once the listener is bound
         # The port of every installed host's HTTP endpoint (each host listens on its own address).
-        self.app_port = free_port()
+        self.app_port = service_port()
         self.faults = Faults()
         self.ratelimit = RateLimiter()
         self.addresses = AddressPool()
