@@ -29,8 +29,10 @@ import pulumi
 import pulumi_command as command
 import pulumi_hcloud as hcloud
 
-from . import flakes, validation
+from . import flakes, server_options, validation
 from .keys import PublicKey, known_hosts_line
+from .recipients import recipients
+from .rollout import HealthCheck, Rollout, check_health_check, check_rollout
 from .steps.firstboot import FirstBoot
 from .steps.image import Image
 from .steps.install import Install
@@ -71,12 +73,18 @@ class ImageArgs:
         return self.attrs.get(system) or self.attr.replace("{system}", system)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class HostArgs:
+    """One host. `server_type` and `location` are required unless `existing_server` names the server.
+
+    The fields from `networks` on are pulumi-hcloud's `ServerArgs`, passed to the `hcloud.Server` the
+    component creates as given (see `server_options.py`); `image` to `datacenter` are the component's own
+    and refused when set (they exist so that the refusal says why)."""
+
     name: str
-    server_type: str
-    location: str
     flake: str  # the host runs `nixos-rebuild switch --flake <flake>#<name>`
+    server_type: str | None = None
+    location: str | None = None
     # Pasted OpenSSH public keys, names of keys in the Hetzner project (free text) or their IDs.
     ssh_keys: list[str | int] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)
@@ -85,6 +93,28 @@ class HostArgs:
     # A new ID wipes the disk and reinstalls the host from the current image; None: never reinstall. A new
     # image alone applies only to hosts installed from then on.
     reinstall: str | None = None
+    # Checked after each switch and first boot, after the fleet's own `health_checks`.
+    health_checks: list[HealthCheck] = field(default_factory=list)
+    # A server made elsewhere (an `hcloud.Server` of this program, or a server ID) to install instead of
+    # creating one; the component never deletes it. Its name must be the host's name.
+    existing_server: hcloud.Server | pulumi.Input[int] | None = None
+    # pulumi-hcloud `ServerArgs`, passed through.
+    networks: pulumi.Input[list[pulumi.Input[hcloud.ServerNetworkArgs]]] | None = None
+    placement_group_id: pulumi.Input[int] | None = None
+    public_nets: pulumi.Input[list[pulumi.Input[hcloud.ServerPublicNetArgs]]] | None = None
+    backups: pulumi.Input[bool] | None = None
+    delete_protection: pulumi.Input[bool] | None = None
+    rebuild_protection: pulumi.Input[bool] | None = None
+    keep_disk: pulumi.Input[bool] | None = None
+    shutdown_before_deletion: pulumi.Input[bool] | None = None
+    ignore_remote_firewall_ids: pulumi.Input[bool] | None = None
+    # Owned by the component: refused when set (server_options.OWNED says why).
+    image: None = None
+    user_data: None = None
+    rescue: None = None
+    iso: None = None
+    allow_deprecated_images: None = None
+    datacenter: None = None
 
 
 @dataclass
@@ -99,6 +129,9 @@ class FleetArgs:
     evaluate: bool = True
     # Where relative flake paths start; None: the Pulumi project's directory.
     base_dir: str | None = None
+    # Checked on every host after each switch and first boot (see rollout.py).
+    health_checks: list[HealthCheck] = field(default_factory=list)
+    rollout: Rollout = field(default_factory=Rollout)
 
 
 class InvalidArgs(ValueError):
@@ -118,17 +151,54 @@ def validate(args: FleetArgs) -> list[validation.Problem]:
         if host.name in seen:
             problems.append((f"{p}.name", f"duplicate host name {host.name!r}: every host needs its own name"))
         seen.add(host.name)
-        problems += validation.name(f"{p}.server_type", host.server_type, "server type")
-        problems += validation.name(f"{p}.location", host.location, "location")
+        if host.existing_server is None:
+            problems += validation.name(f"{p}.server_type", host.server_type, "server type")
+            problems += validation.name(f"{p}.location", host.location, "location")
+            problems += server_options.validate(p, host)
+        else:
+            problems += _existing_server_problems(p, host)
         problems += validation.flake_ref(f"{p}.flake", host.flake)
         problems += validation.ssh_keys(f"{p}.ssh_keys", host.ssh_keys)
         problems += validation.labels(f"{p}.labels", host.labels)
         problems += validation.firewall_ids(f"{p}.firewall_ids", host.firewall_ids)
         problems += validation.disk(f"{p}.disk", host.disk)
         problems += validation.reinstall(f"{p}.reinstall", host.reinstall)
+        problems += _health_checks(f"{p}.health_checks", host.health_checks)
     problems += validation.flake_ref("image.flake", args.image.flake)
     for step in ("rescue", "install", "firstboot"):
         problems += validation.positive_seconds(f"deadlines.{step}", getattr(args.deadlines, step))
+    problems += _health_checks("health_checks", args.health_checks)
+    if not isinstance(args.rollout, Rollout):
+        problems.append(("rollout", f"expected a Rollout, got {type(args.rollout).__name__}"))
+    else:
+        problems += check_rollout("rollout", {**args.rollout.wire(), "max_unavailable": args.rollout.max_unavailable})
+    return problems
+
+
+def _health_checks(prop: str, checks: Any) -> list[validation.Problem]:
+    if not isinstance(checks, list):
+        return [(prop, f"expected a list of health checks, got {type(checks).__name__}")]
+    problems: list[validation.Problem] = []
+    for i, check in enumerate(checks):
+        if not isinstance(check, HealthCheck):
+            problems.append((f"{prop}[{i}]", f"expected a HealthCheck, got {type(check).__name__}"))
+            continue
+        problems += check_health_check(f"{prop}[{i}]", {k: v for k, v in vars(check).items() if k != "name"})
+        if check.name is not None and (not isinstance(check.name, str) or not check.name.strip()):
+            problems.append((f"{prop}[{i}].name", f"expected a non-empty name, got {check.name!r}"))
+    return problems
+
+
+def _existing_server_problems(prop: str, host: HostArgs) -> list[validation.Problem]:
+    server = host.existing_server
+    problems: list[validation.Problem] = []
+    if not isinstance(server, hcloud.Server | pulumi.Output):
+        problems += validation.hetzner_id(f"{prop}.existing_server", server)
+    problems += [
+        (f"{prop}.{n}", "set on the existing server itself: the component does not create it")
+        for n in server_options.set_on(host)
+    ]
+    problems += [(p, r) for p, r in server_options.validate(prop, host) if p.split(".")[-1] in server_options.OWNED]
     return problems
 
 
@@ -240,6 +310,16 @@ def _missing_key(key: int | str, project: list[ProjectKey]) -> str:
     )
 
 
+def _server_type(host: HostArgs) -> str | None:
+    """The host's server type: given, or that of the existing server given by ID (pulumi-hcloud's
+    `getServer` invoke, which answers at preview too); None when only an output names the server."""
+    if host.server_type is not None or host.existing_server is None:
+        return host.server_type
+    if isinstance(host.existing_server, int):
+        return str(hcloud.get_server(id=host.existing_server).server_type)
+    return None
+
+
 def host_systems(hosts: list[HostArgs]) -> tuple[dict[str, str], list[validation.Problem]]:
     """Each host's Nix system, from its server type's `architecture` in the Hetzner catalog (pulumi-hcloud's
     `getServerType` invoke, which answers at preview too)."""
@@ -247,19 +327,29 @@ def host_systems(hosts: list[HostArgs]) -> tuple[dict[str, str], list[validation
     problems: list[validation.Problem] = []
     systems: dict[str, str] = {}
     for i, host in enumerate(hosts):
-        if host.server_type not in by_type:
+        try:
+            server_type = _server_type(host)
+        except Exception as exc:  # the invoke's error names the server
+            problems.append((f"hosts[{i}].existing_server", f"cannot read the server: {exc}"))
+            continue
+        if server_type is None:
+            # An existing server given as a resource or an output: its type is not known while the program
+            # runs; it gets the x86_64 image (an arm server boots only when given by its ID).
+            systems[host.name] = "x86_64-linux"
+            continue
+        if server_type not in by_type:
             try:
-                arch = hcloud.get_server_type(name=host.server_type).architecture
+                arch = hcloud.get_server_type(name=server_type).architecture
             except Exception as exc:  # the invoke's error names the type; say which config key holds it
-                problems.append((f"hosts[{i}].server_type", f"cannot read server type {host.server_type!r}: {exc}"))
-                by_type[host.server_type] = None
+                problems.append((f"hosts[{i}].server_type", f"cannot read server type {server_type!r}: {exc}"))
+                by_type[server_type] = None
                 continue
-            by_type[host.server_type] = SYSTEMS.get(str(arch))
-            if by_type[host.server_type] is None:
+            by_type[server_type] = SYSTEMS.get(str(arch))
+            if by_type[server_type] is None:
                 problems.append(
-                    (f"hosts[{i}].server_type", f"server type {host.server_type!r}: unknown architecture {arch!r}")
+                    (f"hosts[{i}].server_type", f"server type {server_type!r}: unknown architecture {arch!r}")
                 )
-        system = by_type[host.server_type]
+        system = by_type[server_type]
         if system is not None:
             systems[host.name] = system
     return systems, problems
@@ -300,11 +390,28 @@ def resolve_flakes(
     return locked, systems, problems
 
 
+def _same_name(host: str, found: list[Any]) -> int:
+    server_id, server_name = found
+    if server_name is not None and not isinstance(server_name, pulumi.output.Unknown) and server_name != host:
+        raise InvalidArgs(
+            [
+                (
+                    "existing_server",
+                    f"server {server_id} is named {server_name!r}, not {host!r}: the installed system builds "
+                    f"<flake>#<the server's name>, so name the host {server_name!r} or rename the server",
+                )
+            ]
+        )
+    return int(server_id)
+
+
 class Host(pulumi.ComponentResource):
     """One server of a fleet: the hcloud server and what the component proved about it."""
 
-    ipv4: pulumi.Output[str]
-    ipv6: pulumi.Output[str]
+    ipv4: pulumi.Output[str | None]
+    ipv6: pulumi.Output[str | None]
+    address: pulumi.Output[str]
+    recipients: pulumi.Output[dict[str, str]]
     known_hosts: pulumi.Output[str]
     system: pulumi.Output[str]
     connection: pulumi.Output[Any]
@@ -323,42 +430,64 @@ class Host(pulumi.ComponentResource):
         self.args = args
         child = pulumi.ResourceOptions(parent=self)
         self.host_key = HostKey(f"{name}-hostkey", host=args.name, adopt_private_key=adopt_host_key, opts=child)
-        self.server = hcloud.Server(
-            f"{name}-server",
-            name=args.name,
-            server_type=args.server_type,
-            location=args.location,
-            image=placeholder_image,
-            labels=args.labels,
-            firewall_ids=[int(f) for f in args.firewall_ids],
-            ssh_keys=authorized_key_names,
-            opts=pulumi.ResourceOptions(
-                parent=self,
-                # The OS on the disk is ours after installation: changing the placeholder image or the
-                # keys (which pulumi-hcloud would do by replacing the server) must never replace it.
-                ignore_changes=["image", "sshKeys", "userData"],
-            ),
+        self.server: hcloud.Server | None = None  # only a server the component created
+        existing = args.existing_server
+        if existing is None:
+            self.server = hcloud.Server(
+                f"{name}-server",
+                name=args.name,
+                server_type=args.server_type,
+                location=args.location,
+                image=placeholder_image,
+                labels=args.labels,
+                firewall_ids=[int(f) for f in args.firewall_ids],
+                ssh_keys=authorized_key_names,
+                **server_options.server_kwargs(args),
+                opts=pulumi.ResourceOptions(
+                    parent=self,
+                    # The OS on the disk is ours after installation: changing the placeholder image or the
+                    # keys (which pulumi-hcloud would do by replacing the server) must never replace it.
+                    ignore_changes=["image", "sshKeys", "userData"],
+                ),
+            )
+        # The server resource, or what pulumi-hcloud's `getServer` reads of a server given by ID: the same
+        # output names either way.
+        server: Any = self.server or (
+            existing if isinstance(existing, hcloud.Server) else hcloud.get_server_output(id=existing)
         )
-        self.ipv4 = self.server.ipv4_address
-        self.ipv6 = self.server.ipv6_address
+        self.server_type, self.location = server.server_type, server.location
+        # The installed system builds `<flake>#<server name from the metadata>`: it must be the host's name.
+        self.server_id = pulumi.Output.all(server.id, server.name).apply(partial(_same_name, args.name))
+        # pulumi-hcloud reports an address that is off as "": the outputs say None.
+        self.ipv4 = server.ipv4_address.apply(lambda a: a or None)
+        self.ipv6 = server.ipv6_address.apply(lambda a: a or None)
+        # Where the component and `connection_args()` reach the host: IPv4, else (IPv6-only) IPv6.
+        self.address = pulumi.Output.all(self.ipv4, self.ipv6).apply(lambda a: a[0] or a[1])
+        self.recipients = self.host_key.public_key.apply(recipients)
 
     def finish(self, first_boot: FirstBoot, deploy_key: pulumi.Output[str], ssh_port: int) -> None:
         name = self.args.name
         self.system = first_boot.hosts.apply(lambda hosts: hosts[name].get("system"))
         host_public_key = self.host_key.public_key
-        self.known_hosts = pulumi.Output.all(self.ipv4, host_public_key).apply(
+        self.known_hosts = pulumi.Output.all(self.address, host_public_key).apply(
             lambda a: known_hosts_line(a[0], a[1], port=ssh_port)
         )
         # Chain `command.remote.Command` steps on this (with `depends_on` the fleet's first boot): host-key
         # checking stays on. Only what identifies the host goes in, so a preview that updates a step does
         # not show every command's connection as changing.
         self.connection = pulumi.Output.secret(
-            pulumi.Output.all(self.ipv4, host_public_key, deploy_key).apply(
+            pulumi.Output.all(self.address, host_public_key, deploy_key).apply(
                 lambda a: {"host": a[0], "port": ssh_port, "user": "root", "host_key": a[1], "private_key": a[2]}
             )
         )
         self.register_outputs(
-            {"ipv4": self.ipv4, "ipv6": self.ipv6, "known_hosts": self.known_hosts, "system": self.system}
+            {
+                "ipv4": self.ipv4,
+                "ipv6": self.ipv6,
+                "known_hosts": self.known_hosts,
+                "system": self.system,
+                "recipients": self.recipients,
+            }
         )
 
     def connection_args(self) -> command.remote.ConnectionArgs:
@@ -443,16 +572,17 @@ class Fleet(pulumi.ComponentResource):
         # host has only that host's values not known yet (`hosts.<new>`), not the whole map.
         host_inputs: dict[str, dict[str, pulumi.Input[Any]]] = {
             h.name: {
-                "server_id": self.hosts[h.name].server.id.apply(int),
+                "server_id": self.hosts[h.name].server_id,
                 "ipv4": self.hosts[h.name].ipv4,
+                "ipv6": self.hosts[h.name].ipv6,
                 "image": self.images[platforms[h.name]].out_path,
                 "platform": platforms[h.name],
                 "reinstall": h.reinstall,
                 "disk": h.disk,
                 "flake": h.flake,
                 "hostname": h.name,
-                "server_type": h.server_type,
-                "location": h.location,
+                "server_type": self.hosts[h.name].server_type,
+                "location": self.hosts[h.name].location,
                 "host_public_key": self.hosts[h.name].host_key.public_key,
                 "authorized_keys": authorized[h.name],
                 # The store path the host must run (None: evaluation off, then the source decides).
@@ -503,6 +633,13 @@ class Fleet(pulumi.ComponentResource):
             sources=sources,
             deploy_private_key=self.keys.deploy_private_key,
             deadline_seconds=args.deadlines.firstboot,
+            rollout=args.rollout.wire(),
+            # Only hosts with checks: adding a host without any shows nothing here in a preview.
+            health_checks={
+                h.name: [c.wire() for c in [*args.health_checks, *h.health_checks]]
+                for h in args.hosts
+                if args.health_checks or h.health_checks
+            },
             opts=child,
         )
         for h in args.hosts:

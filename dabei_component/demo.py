@@ -98,9 +98,10 @@ def write_fixture_flake(directory: Path, hosts: Mapping[str, str | Mapping[str, 
     return directory
 
 
-def demo_flake(hosts: Mapping[str, str]) -> str:
-    """The hosts' flake for the demo and tests: the fixture flake with these hosts (name -> Nix system),
-    written once per set of hosts into the temporary directory. Returns `path:<dir>`."""
+def demo_flake(hosts: Mapping[str, str | Mapping[str, str]]) -> str:
+    """The hosts' flake for the demo and tests: the fixture flake with these hosts (name -> Nix system, or
+    the settings of its system as `write_fixture_flake` takes them), written once per set of hosts into the
+    temporary directory. Returns `path:<dir>`."""
     key = hashlib.sha256(json.dumps(sorted(hosts.items())).encode()).hexdigest()[:16]
     target = Path(tempfile.gettempdir()) / "nix-dabei-demo-flakes" / key
     if not target.is_dir():

@@ -41,7 +41,11 @@ import pulumi
 from hcloud import APIException, Client
 from hcloud.images import Image as HImage
 from hcloud.locations import Location
+from hcloud.networks import Network
+from hcloud.placement_groups import PlacementGroup
+from hcloud.primary_ips import PrimaryIP
 from hcloud.server_types import ServerType
+from hcloud.servers import ServerCreatePublicNetwork
 from hcloud.ssh_keys import SSHKey
 from pulumi.output import Unknown
 from pulumi.runtime import mocks as pulumi_mocks
@@ -58,6 +62,10 @@ COMMAND = "command:remote:Command"
 # Server inputs whose change makes pulumi-hcloud replace the server (ForceNew in terraform-provider-hcloud's
 # `hcloud_server`); the other inputs it changes in place (`server_type` by a resize).
 SERVER_REPLACE_ON = ("location",)
+# Inputs pulumi-hcloud changes on an existing server that this stand-in only sets at creation: a change is
+# refused rather than silently not applied.
+SERVER_CREATE_ONLY = ("networks", "placementGroupId", "publicNets")
+HCLOUD_GET_SERVER = "hcloud:index/getServer:getServer"
 # Outputs of an hcloud server that only the API knows (not known in a preview of its creation).
 SERVER_COMPUTED = ("ipv4Address", "ipv6Address", "ipv6Network", "status")
 
@@ -164,6 +172,8 @@ class Change:
     paths: tuple[str, ...] = ()
     # (old, new) at each path, for `diff()`.
     values: dict[str, tuple[Any, Any]] = field(default_factory=dict, compare=False, repr=False)
+    # The checked inputs the step goes ahead with (what `pulumi preview --diff` prints the changed values of).
+    inputs: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def diff(self) -> list[str]:
         """`pulumi preview --diff` lines of an update: `hosts.web-1.system: /nix/store/a… => /nix/store/b…`."""
@@ -367,6 +377,9 @@ class LocalEngine(pulumi_mocks.Mocks):
             if st is None:
                 raise UpFailed(f"getServerType: no server type named {args.args.get('name')!r}")
             return {"id": st.id, "name": st.name, "architecture": st.architecture, "cores": st.cores}, []
+        if args.token == HCLOUD_GET_SERVER:
+            server = self.hcloud.servers.get_by_id(int(args.args["id"]))
+            return {**self._server_outputs(server, {}), "id": server.id, "name": server.name}, []
         raise UpFailed(f"unsupported invoke {args.token}")
 
     @staticmethod
@@ -391,7 +404,7 @@ class LocalEngine(pulumi_mocks.Mocks):
         values: dict[str, tuple[Any, Any]] | None = None,
     ) -> None:
         with self._lock:
-            self._plan.append(Change(op, key, tuple(paths), values or {}))
+            self._plan.append(Change(op, key, tuple(paths), values or {}, rec.inputs))
             if not self._preview:
                 self._working[key] = rec
                 self.state[key] = rec
@@ -463,6 +476,9 @@ class LocalEngine(pulumi_mocks.Mocks):
                 rec.outputs = {**inputs, **{k: pulumi.output.UNKNOWN for k in SERVER_COMPUTED}}
             self._step(key, rec, op, paths)
             return op, rec
+        unsupported = sorted({p.split(".")[0].split("[")[0] for p in paths} & set(SERVER_CREATE_ONLY))
+        if op == "update" and unsupported:
+            raise UpFailed(f"{key}: the local engine's pulumi-hcloud stand-in sets {unsupported} only at creation")
         if op in ("create", "replace"):
             server = self._create_server(inputs)
         else:
@@ -471,12 +487,26 @@ class LocalEngine(pulumi_mocks.Mocks):
             labels = inputs.get("labels") or {}
             if labels != server.labels:
                 server.update(labels=labels)
-                server = self.hcloud.servers.get_by_id(int(old.id))
+            self._server_settings(server, inputs)
+            if server.server_type is not None and inputs.get("serverType") != server.server_type.name:
+                self._resize(server, inputs["serverType"], upgrade_disk=not inputs.get("keepDisk"))
+            server = self.hcloud.servers.get_by_id(int(old.id))
         rec.id, rec.outputs = str(server.id), self._server_outputs(server, inputs)
         self._step(key, rec, op, paths)
         if op == "replace" and old is not None:
             self._delete_server(old)
         return op, rec
+
+    def _resize(self, server: Any, server_type: str, *, upgrade_disk: bool) -> None:
+        """What terraform-provider-hcloud does for a new `server_type`: power off, change the type (the
+        disk upgraded unless `keep_disk`), and power on again if the change left the server off."""
+        if server.status != "off":
+            self.hcloud.servers.power_off(server).wait_until_finished()
+        self.hcloud.servers.change_type(
+            server, ServerType(name=server_type), upgrade_disk=upgrade_disk
+        ).wait_until_finished()
+        if self.hcloud.servers.get_by_id(server.id).status == "off":
+            self.hcloud.servers.power_on(server).wait_until_finished()
 
     def _find_ssh_key_for_server(self, id_or_name: str) -> SSHKey:
         # As pulumi-hcloud finds a server's `sshKeys` (hcloud-go's Get): by ID when the text is a number,
@@ -490,7 +520,13 @@ class LocalEngine(pulumi_mocks.Mocks):
         return found
 
     def _create_server(self, inputs: Mapping[str, Any]) -> Any:
+        """As terraform-provider-hcloud's `hcloud_server` create: the server (with its public networking and
+        placement group) powered off when networks are to be attached, each network attached with its IP
+        and alias IPs, then powered on; protection and backups set by their actions."""
         keys = [self._find_ssh_key_for_server(str(k)) for k in inputs.get("sshKeys", [])]
+        public = (inputs.get("publicNets") or [{}])[0]
+        networks = inputs.get("networks") or []
+        group = inputs.get("placementGroupId")
         resp = self.hcloud.servers.create(
             name=inputs["name"],
             server_type=ServerType(name=inputs["serverType"]),
@@ -498,27 +534,64 @@ class LocalEngine(pulumi_mocks.Mocks):
             location=Location(name=inputs["location"]),
             labels=inputs.get("labels") or {},
             ssh_keys=keys,
+            public_net=ServerCreatePublicNetwork(
+                ipv4=PrimaryIP(id=int(public["ipv4"])) if public.get("ipv4") else None,
+                ipv6=PrimaryIP(id=int(public["ipv6"])) if public.get("ipv6") else None,
+                enable_ipv4=public.get("ipv4Enabled", True) is not False,
+                enable_ipv6=public.get("ipv6Enabled", True) is not False,
+            ),
+            placement_group=PlacementGroup(id=int(group)) if group else None,
+            start_after_create=not networks,
         )
-        # pulumi-hcloud returns once the server runs: after the create action and the power-on after it.
         for action in [resp.action, *(resp.next_actions or [])]:
             action.wait_until_finished()
-        return self.hcloud.servers.get_by_id(int(str(resp.server.id)))
+        server = self.hcloud.servers.get_by_id(int(str(resp.server.id)))
+        for net in networks:
+            network = Network(id=int(net["networkId"]))
+            server.attach_to_network(network, ip=net.get("ip"), alias_ips=net.get("aliasIps")).wait_until_finished()
+        if networks:
+            server.power_on().wait_until_finished()
+        self._server_settings(server, inputs)
+        # pulumi-hcloud returns once the server runs.
+        return self.hcloud.servers.get_by_id(int(str(server.id)))
+
+    @staticmethod
+    def _server_settings(server: Any, inputs: Mapping[str, Any]) -> None:
+        """Protection and backups as the inputs say (pulumi-hcloud's `deleteProtection`,
+        `rebuildProtection`, `backups`), changed only when they differ."""
+        protection = server.protection or {}
+        wanted = {"delete": bool(inputs.get("deleteProtection")), "rebuild": bool(inputs.get("rebuildProtection"))}
+        if wanted != {k: bool(protection.get(k)) for k in wanted}:
+            server.change_protection(**wanted).wait_until_finished()
+        if bool(inputs.get("backups")) != bool(server.backup_window):
+            (server.enable_backup() if inputs.get("backups") else server.disable_backup()).wait_until_finished()
 
     @staticmethod
     def _server_outputs(server: Any, inputs: Mapping[str, Any]) -> dict[str, Any]:
         net = server.public_net
-        if net is None or net.ipv4 is None or net.ipv6 is None:
-            raise UpFailed(f"server {server.name!r} has no public IPv4 and IPv6 address")
         # pulumi-hcloud's outputs: `ipv6Address` is the network's first host (`<network>::1`), `ipv6Network`
-        # the /64 the API reports.
-        network = ipaddress.IPv6Network(net.ipv6.ip)
+        # the /64 the API reports; an address that is off is "".
+        network = ipaddress.IPv6Network(net.ipv6.ip) if net and net.ipv6 else None
+        group = server.placement_group
         return {
             **inputs,
             "labels": server.labels or {},
             "firewallIds": [int(f) for f in inputs.get("firewallIds") or []],
-            "ipv4Address": net.ipv4.ip,
-            "ipv6Address": str(network[1]),
-            "ipv6Network": str(network),
+            "serverType": server.server_type.name,
+            "location": server.location.name if server.location else inputs.get("location"),
+            "ipv4Address": net.ipv4.ip if net and net.ipv4 else "",
+            "ipv6Address": str(network[1]) if network else "",
+            "ipv6Network": str(network) if network else "",
+            "placementGroupId": group.id if group else None,
+            "networks": [
+                {
+                    "networkId": p.network.id,
+                    "ip": p.ip,
+                    "aliasIps": list(p.alias_ips or []),
+                    "macAddress": p.mac_address,
+                }
+                for p in server.private_net or []
+            ],
             "primaryDiskSize": server.primary_disk_size,
             "status": server.status,
             "backups": bool(server.backup_window),

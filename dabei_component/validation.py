@@ -231,5 +231,13 @@ def ipv4(prop: str, value: Any) -> list[Problem]:
     return []
 
 
+def ipv6(prop: str, value: Any) -> list[Problem]:
+    try:
+        ipaddress.IPv6Address(value)
+    except (ipaddress.AddressValueError, ValueError, TypeError):
+        return [(prop, f"expected an IPv6 address like 2001:db8::1, got {value!r}")]
+    return []
+
+
 def _kind(value: Any) -> str:
     return repr(value) if isinstance(value, str | int | float | type(None)) else type(value).__name__

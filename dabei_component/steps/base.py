@@ -100,7 +100,6 @@ def as_int(value: Any) -> int:
 # The per-host inputs every host step receives from the component, each with its check.
 HOST_INPUT_CHECKS: dict[str, Callable[[str, Any], list[validation.Problem]]] = {
     "server_id": validation.hetzner_id,
-    "ipv4": validation.ipv4,
     "hostname": validation.hostname,
     "flake": validation.flake_ref,
     "host_public_key": validation.public_key,
@@ -108,11 +107,22 @@ HOST_INPUT_CHECKS: dict[str, Callable[[str, Any], list[validation.Problem]]] = {
 }
 # Optional per-host inputs (the steps fall back to a default when absent).
 OPTIONAL_HOST_INPUT_CHECKS: dict[str, Callable[[str, Any], list[validation.Problem]]] = {
+    # The public addresses; None or "" for one that is off (an IPv6-only host has no `ipv4`).
+    "ipv4": validation.ipv4,
+    "ipv6": validation.ipv6,
     "disk": validation.disk,
     "reinstall": validation.reinstall,
 }
 # No two hosts of a fleet may share these: two entries for one server would write its disk twice.
-UNIQUE_HOST_INPUTS = ("server_id", "ipv4")
+UNIQUE_HOST_INPUTS = ("server_id", "ipv4", "ipv6")
+
+
+def host_address(host: Mapping[str, Any]) -> str:
+    """The address the steps reach a host on: its public IPv4, or on an IPv6-only host its IPv6 address."""
+    address = host.get("ipv4") or host.get("ipv6")
+    if not address:
+        raise HostError("the server has neither a public IPv4 nor an IPv6 address to connect to")
+    return str(address)
 
 
 def check_host(name: str, host: Any) -> list[validation.Problem]:
@@ -128,8 +138,10 @@ def check_host(name: str, host: Any) -> list[validation.Problem]:
             problems += check(f"{where}.{field_name}", value)
     for field_name, check in OPTIONAL_HOST_INPUT_CHECKS.items():
         value = host.get(field_name)
-        if value is not None and not is_unknown(value):
+        if value not in (None, "") and not is_unknown(value):
             problems += check(f"{where}.{field_name}", value)
+    if all(host.get(f) in (None, "") for f in ("ipv4", "ipv6")):
+        problems.append((f"{where}.ipv4", "required: the server's public IPv4 address, or its ipv6 address"))
     hostname = host.get("hostname")
     if isinstance(hostname, str) and not is_unknown(hostname) and hostname != name:
         problems.append((f"{where}.hostname", f"expected the host's name {name!r}, got {hostname!r}"))
@@ -151,7 +163,7 @@ def check_step_inputs(news: Mapping[str, Any]) -> list[validation.Problem]:
                 owners: dict[Any, str] = {}
                 for name, host in sorted(hosts.items()):
                     value = host.get(field_name) if isinstance(host, Mapping) else None
-                    if value is None or is_unknown(value) or isinstance(value, dict | list):
+                    if value in (None, "") or is_unknown(value) or isinstance(value, dict | list):
                         continue
                     if value in owners:
                         problems.append(

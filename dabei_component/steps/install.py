@@ -27,7 +27,7 @@ from ..disk_writer import DiskRefused, DiskWriteError, WriteReport, write_image
 from ..hetzner import HetznerError
 from ..keys import fingerprint
 from ..ssh import HostKeyMismatch, SshError, connect, run
-from .base import FleetStep, HostContext, HostError, as_int, is_unknown, secret_options
+from .base import FleetStep, HostContext, HostError, as_int, host_address, is_unknown, secret_options
 from .image import ensure_prepared
 from .rescue import RescueSession, enter_rescue, hetzner_api, verify_rescue, wants_install
 
@@ -91,7 +91,7 @@ class InstallProvider(FleetStep):
         assert self.settings is not None
         try:
             conn, _ = await connect(
-                host["ipv4"],
+                host_address(host),
                 port=self.settings.ssh_port,
                 client_key=props["deploy_private_key"],
                 host_key=host["host_public_key"],
@@ -112,7 +112,7 @@ class InstallProvider(FleetStep):
         host_key, action_id = pin
         try:
             conn, _ = await connect(
-                host["ipv4"],
+                host_address(host),
                 port=self.settings.ssh_port,
                 client_key=props["deploy_private_key"],
                 host_key=host_key,

@@ -20,7 +20,7 @@ from pulumi.dynamic import CheckFailure
 
 from ..hetzner import HetznerApi, HetznerError
 from ..ssh import SshError, connect, run
-from .base import FleetStep, HostContext, HostError, as_int, is_unknown, secret_options
+from .base import FleetStep, HostContext, HostError, as_int, host_address, is_unknown, secret_options
 
 # Enough for a script to tell a rescue system from anything else, in one round trip.
 _PROBE = "hostname; cat /proc/sys/kernel/random/boot_id; test -b {disk} && echo block || echo missing"
@@ -79,7 +79,7 @@ async def enter_rescue(
     assert settings is not None
     try:
         conn, host_key = await connect(
-            host["ipv4"],
+            host_address(host),
             port=settings.ssh_port,
             client_key=props["deploy_private_key"],
             host_key=None,

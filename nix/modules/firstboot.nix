@@ -4,6 +4,9 @@
 #   nix-dabei-network   every boot, before networkd: the uplink file from the persisted instance data
 #   nix-dabei-firstboot after network-online, while /var/lib/nix-dabei/pending exists: metadata, network,
 #                       nixos-rebuild switch --flake <flake>#<hostname> with retries; status.json throughout
+#   nix-dabei-watchdog  at boot, while a switch waits for the deployer's confirmation (confirm.json): rolls
+#                       it back when its window ends unconfirmed (a reboot ended the transient watchdog
+#                       `nix-dabei apply --confirm-seconds` had started with systemd-run)
 { config, lib, pkgs, ... }:
 let
   cfg = config.nix-dabei.firstboot;
@@ -21,6 +24,14 @@ let
     while ${systemctl} is-active --quiet 'nixos-rebuild-switch-to-configuration*.service'; do sleep 5; done
     ${systemctl} reset-failed 'nixos-rebuild-switch-to-configuration*.service' 2>/dev/null || true
   '';
+  # The confirmation watchdog of an in-place switch, outside the SSH session that runs `nix-dabei apply`: a
+  # transient unit has no file in /etc/systemd/system, so switch-to-configuration (which stops, starts and
+  # restarts the units whose files differ between the old and the new system) leaves it running; it
+  # survives the deployer's disconnect and rolls back with the previous generation's own
+  # switch-to-configuration (absolute store paths: a transient unit's PATH is minimal).
+  watchdogCommand = [ "${config.systemd.package}/bin/systemd-run" "--unit=nix-dabei-watchdog-{token}"
+    "--description=nix-dabei: roll back switch {token} unless confirmed" "--collect" "--quiet"
+    "--property=KillMode=process" program "watchdog" "--token" "{token}" ];
   programConfig = {
     root = "/";
     metadata_url = cfg.metadataUrl;
@@ -37,6 +48,14 @@ let
       "--unit=nix-dabei-seed.service" "--lines=80" "--no-pager" "--output=short-iso" ];
     network_reload_command = [ "${config.systemd.package}/bin/networkctl" "reload" ];
     switch_wait_command = [ "${waitForSwitch}" ];
+    # `nix-dabei grow` (zfs-image.nix) expands this pool after its partition.
+    grow_pool = config.nix-dabei.image.poolName or null;
+    # What `nixos-rebuild switch --rollback` runs, to the generation recorded before the switch
+    # (nixpkgs pkgs/by-name/ni/nixos-rebuild-ng/src/nixos_rebuild/nix.py: rollback, switch_to_configuration).
+    switch_generation_command = [ "${config.nix.package}/bin/nix-env" "--profile" "/nix/var/nix/profiles/system"
+      "--switch-generation" "{generation}" ];
+    activate_command = [ "{system}/bin/switch-to-configuration" "switch" ];
+    watchdog_command = watchdogCommand;
   };
   # Upper bound of one first-boot run: every metadata and rebuild attempt plus the waits between them.
   worstCaseSeconds =
@@ -190,6 +209,25 @@ in
       serviceConfig = oneshot // {
         ExecStart = "${program} firstboot";
         TimeoutStartSec = toString (builtins.ceil worstCaseSeconds);
+      };
+    };
+
+    # A reboot during a confirmation window ends the transient watchdog, and the boot loader's default is
+    # the unconfirmed generation: watch it again (it rolls back at once when the window is over).
+    systemd.services.nix-dabei-watchdog = common // {
+      description = "nix-dabei: roll back an unconfirmed switch";
+      wantedBy = [ "multi-user.target" ];
+      after = [ "local-fs.target" "nix-daemon.socket" ];
+      unitConfig = {
+        ConditionPathExists = "${stateDir}/confirm.json";
+        X-StopOnRemoval = false;
+      };
+      path = [ config.nix.package config.systemd.package ];
+      serviceConfig = {
+        Type = "simple";
+        ExecStart = "${program} watchdog";
+        # The rollback's switch-to-configuration may stop this unit's dependencies: keep its own process.
+        KillMode = "process";
       };
     };
   };

@@ -58,7 +58,7 @@ in
     growOnBoot = lib.mkOption {
       type = lib.types.bool;
       default = true;
-      description = "On first boot, grow the ZFS partition to the disk's end, move the backup GPT header there and expand the pool.";
+      description = "On every boot, grow the ZFS partition to the disk's end (first boot, or after a resize), move the backup GPT header there and expand the pool.";
     };
   };
 
@@ -107,31 +107,21 @@ in
       };
       boot.loader.efi.canTouchEfiVariables = false;
 
+      # Every boot, not only the first: a resize (Hetzner's change_type with upgrade_disk, pulumi-hcloud's
+      # default) makes the disk bigger under an installed system. `nix-dabei grow` does what growpart does
+      # (nixpkgs' grow-partition module) and then `zpool online -e`; each step is a no-op when the pool
+      # already fills the disk (nix/firstboot/dabei_firstboot/grow.py).
       systemd.services.nix-dabei-grow = lib.mkIf cfg.growOnBoot {
         description = "Grow the ZFS partition and pool to the whole disk (nix-dabei)";
         wantedBy = [ "multi-user.target" ];
         # sgdisk rewrites the GPT the seed reader parses: never at the same time.
         after = [ "local-fs.target" "nix-dabei-seed.service" ];
-        unitConfig.ConditionPathExists = "!/var/lib/nix-dabei/grown";
-        # growpart lives in the guest output of cloud-utils (as in nixpkgs' grow-partition module).
-        path = [ pkgs.gptfdisk pkgs.cloud-utils.guest pkgs.util-linux pkgs.gawk config.boot.zfs.package ];
-        serviceConfig = { Type = "oneshot"; RemainAfterExit = true; };
-        script = ''
-          set -euo pipefail
-          part=$(readlink -f /dev/disk/by-partlabel/zfs)
-          disk=/dev/$(lsblk -no PKNAME "$part")
-          number=$(cat "/sys/class/block/$(basename "$part")/partition")
-          # The image is smaller than the disk: its backup GPT header sits mid-disk. Move it to the end.
-          sgdisk --move-second-header "$disk"
-          # growpart exits 1 when there is nothing to grow (NOCHANGE).
-          growpart "$disk" "$number" || [ $? -eq 1 ]
-          udevadm settle || true
-          # Expand every vdev of the pool, by the path the pool itself records.
-          zpool list -v -H -P ${lib.escapeShellArg cfg.poolName} | awk '$1 ~ /^\// { print $1 }' |
-            while read -r vdev; do zpool online -e ${lib.escapeShellArg cfg.poolName} "$vdev"; done
-          mkdir -p /var/lib/nix-dabei
-          touch /var/lib/nix-dabei/grown
-        '';
+        path = [ pkgs.gptfdisk pkgs.util-linux config.boot.zfs.package ];
+        serviceConfig = {
+          Type = "oneshot";
+          RemainAfterExit = true;
+          ExecStart = "${lib.getExe config.nix-dabei.firstboot.package} grow";
+        };
       };
     };
 }

@@ -146,14 +146,15 @@ def test_an_unknown_deciding_value_at_preview_counts_as_a_change(server: Provide
 
 def test_unknown_values_that_decide_nothing_are_no_change(server: ProviderServer) -> None:
     """A preview that adds a host or builds a new image: keys and paths not known yet, at any depth, pass
-    check (they are checked on the run that knows them) and act on nothing."""
+    check (they are checked on the run that knows them) and act on nothing, unless they decide what a
+    step does (root's authorized keys, which first boot sets on a running host)."""
     old = {"hosts": {"web-1": host()}}
     unknown_host = {**host(), "image": Unknown(), "host_public_key": Unknown(), "authorized_keys": [Unknown()]}
-    for provider, extra in (
-        (RescueProvider(), {}),
-        (InstallProvider(), {"image": Unknown(), "host_private_keys": {"web-1": Unknown()}}),
-        (FirstBootProvider(), {}),
+    for provider, extra, acts in (
+        (RescueProvider(), {}, False),
+        (InstallProvider(), {"image": Unknown(), "host_private_keys": {"web-1": Unknown()}}, False),
+        (FirstBootProvider(), {}, True),
     ):
         news = {**props(server, provider, {"web-1": unknown_host}, **extra), "deploy_private_key": Unknown()}
         assert server.check(URN, old, news).failures == [], provider
-    assert server.diff(URN, "id", old, news).changes is False
+        assert server.diff(URN, "id", old, news).changes is acts, provider

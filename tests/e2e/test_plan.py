@@ -8,6 +8,8 @@ engine sends them; `refresh` reads, then diffs what it read against the inputs, 
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 
 import pytest
 from dabei_firstboot.config import HOST_KEY
+from dabei_firstboot.seed import list_partitions
 from hcloud import Client
 
 from dabei_component.component import FleetArgs
@@ -23,6 +26,7 @@ from dabei_component.keys import generate_ssh_keypair
 from dabei_component.localup import DYNAMIC, HCLOUD_SERVER, LocalEngine, Plan, generated_keys
 from dabei_component.program import declare
 from dabei_component.sim.client import ControlClient
+from dabei_component.ssh import SshError, connect
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -132,8 +136,9 @@ def test_a_new_flake_revision_previews_on_first_boot_only_and_applies_in_place(
     other = write_fixture_flake(tmp_path / "other", {"fl-1": {"system": "x86_64-linux", "motd": "other"}})
     changed = fleet(sim, "fl", flake=str(other))
     op, paths = preview(engine, changed, "fl")["fl-firstboot"]
-    assert op == UPDATE and {"hosts.fl-1.flake", "hosts.fl-1.system"} <= set(paths)
+    assert op == UPDATE and {"hosts.fl-1.flake", "hosts.fl-1.system", "rollout.batches"} <= set(paths)
     assert not any(p.startswith("hosts.fl-2") for p in paths)
+    # The rollout input shows how the in-place switch will go: one batch, fl-1 alone.
     up(engine, changed, "fl")
     after = step_hosts(engine, "fl", "firstboot")
     assert after["fl-1"]["boot_id"] == before["fl-1"]["boot_id"], "applied in place, no reboot"
@@ -196,6 +201,78 @@ def test_a_reinstall_request_reinstalls_exactly_that_host(engine: LocalEngine, s
     assert preview(engine, request, "ri") == {}
     # Taking the request out again is no new request.
     assert preview(engine, fleet(sim, "ri"), "ri") == {}
+
+
+def test_a_new_server_type_resizes_in_place_keeps_the_disk_and_grows_the_pool(
+    engine: LocalEngine, sim: SimHandle, control: ControlClient
+) -> None:
+    up(engine, fleet(sim, "rs", 1), "rs")
+    before = step_hosts(engine, "rs", "firstboot")["rs-1"]
+    disk = Path(control.server(before["server_id"])["machine"]["disk_path"])
+    zfs_before = next(p for p in list_partitions(disk) if p["name"] == "zfs")
+    # What the image wrote there (the rest of the 40 GB partition is empty space of the sparse disk).
+    data_before = _digest(disk, zfs_before["offset"], 64 * 1024**2)
+
+    bigger = fleet(sim, "rs", 1, server_type="cx32")
+    assert preview(engine, bigger, "rs") == {"rs-rs-1-server": (UPDATE, ("serverType",))}
+    up(engine, bigger, "rs")
+
+    server = Client(token=sim.token, api_endpoint=sim.endpoint).servers.get_by_name("rs-1")
+    assert server is not None and server.server_type is not None and server.server_type.name == "cx32"
+    assert disk.stat().st_size == 80 * 1024**3, "pulumi-hcloud upgrades the disk unless keepDisk"
+    # The same installation on the bigger disk (nothing rewritten), its partition grown to the disk's end.
+    zfs_after = next(p for p in list_partitions(disk) if p["name"] == "zfs")
+    assert zfs_after["first_lba"] == zfs_before["first_lba"]
+    assert zfs_after["last_lba"] == disk.stat().st_size // 512 - 34
+    assert _digest(disk, zfs_before["offset"], 64 * 1024**2) == data_before
+    # The host came back with its key and its system: a refresh finds no drift, the steps did nothing.
+    assert engine.refresh().changes() == {}
+    after = step_hosts(engine, "rs", "firstboot")["rs-1"]
+    assert after["boot_id"] != before["boot_id"] and after["system"] == before["system"]
+    assert preview(engine, bigger, "rs") == {}
+
+
+def test_new_ssh_keys_are_set_on_the_running_host_in_place(engine: LocalEngine, sim: SimHandle) -> None:
+    up(engine, fleet(sim, "sk", 1), "sk")
+    host = step_hosts(engine, "sk", "firstboot")["sk-1"]
+    laptop = generate_ssh_keypair()
+
+    def logs_in() -> bool:
+        async def attempt() -> bool:
+            loop = asyncio.get_running_loop()
+            try:
+                conn, _ = await connect(
+                    host["ipv4"], port=sim.ssh_port, client_key=laptop.private_openssh,
+                    host_key=host["host_public_key"], deadline=loop.time() + 5,
+                )  # fmt: skip
+            except SshError:
+                return False
+            conn.close()
+            return True
+
+        return asyncio.run(attempt())
+
+    assert not logs_in()
+    with_key = fleet(sim, "sk", 1, ssh_keys=[laptop.public])
+    changes = preview(engine, with_key, "sk")
+    uploads = [n for n in changes if n.startswith("sk-key-")]
+    assert [changes.pop(n) for n in uploads] == [(CREATE, ())], "the pasted key goes to the project once"
+    assert changes == {"sk-firstboot": (UPDATE, ("hosts.sk-1.authorized_keys",))}
+    up(engine, with_key, "sk")
+    assert logs_in()
+    assert step_hosts(engine, "sk", "firstboot")["sk-1"]["boot_id"] == host["boot_id"], "set in place"
+    assert preview(engine, with_key, "sk") == {}
+
+    without = fleet(sim, "sk", 1)
+    assert preview(engine, without, "sk")["sk-firstboot"] == (UPDATE, ("hosts.sk-1.authorized_keys",))
+    up(engine, without, "sk")
+    assert not logs_in()
+
+
+def _digest(disk: Path, offset: int, size: int) -> str:
+    with open(disk, "rb") as handle:
+        handle.seek(offset)
+        return hashlib.sha256(handle.read(size)).hexdigest()
 
 
 def _break(control: ControlClient, server_id: Any, how: str) -> None:

@@ -7,28 +7,15 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 from dabei_firstboot import seed as seedlib
 from dabei_firstboot.metadata import instance_data
 
-from .conftest import NIX_OPTIONS, PROJECT, SHARED, older_layout
+from .conftest import NIX_OPTIONS, PROJECT, SHARED, nix_eval, older_layout
 
 NIX_FILES = sorted((PROJECT / "nix").rglob("*.nix"))
 INSTANCE_LIB = PROJECT / "nix" / "lib" / "instance-data.nix"
-
-
-def nix_eval(expr: str) -> Any:
-    result = subprocess.run(
-        ["nix-instantiate", "--eval", "--strict", "--json", "--expr", expr],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
 
 
 def test_there_are_nix_files() -> None:

@@ -4,13 +4,12 @@ unit ordering, the network matches, the image facts, the arm64 console, the prog
 from __future__ import annotations
 
 import json
-import subprocess
 from typing import Any
 
 import pytest
 from dabei_firstboot.config import config_from_dict
 
-from .conftest import PROJECT
+from .conftest import PROJECT, nix_eval
 
 HARNESS = PROJECT / "tests" / "nix" / "harness" / "eval-module.nix"
 MODULES = PROJECT / "nix" / "modules"
@@ -19,16 +18,7 @@ LAYOUT = PROJECT / "nix" / "lib" / "image-layout.nix"
 
 def module(name: str, attr: str, **args: str) -> Any:
     extra = " ".join(f"{key} = {value};" for key, value in args.items())
-    expr = f"(import {HARNESS} {{ module = {MODULES / name}; {extra} }}).{attr}"
-    result = subprocess.run(
-        ["nix-instantiate", "--eval", "--strict", "--json", "--expr", expr],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    return nix_eval(f"(import {HARNESS} {{ module = {MODULES / name}; {extra} }}).{attr}")
 
 
 def test_seed_reads_the_partition_table_before_it_grows() -> None:
@@ -41,6 +31,9 @@ def test_seed_reads_the_partition_table_before_it_grows() -> None:
     assert {"sshd.service", "sshd-keygen.service"} <= set(seed["before"])
     # No gate on seed.json: a seed whose wipe failed is found and wiped on a later boot.
     assert "ConditionPathExists" not in seed.get("unitConfig", {})
+    # Growing runs on every boot (a resize makes the disk bigger under an installed system), by the program.
+    assert "ConditionPathExists" not in grow["content"].get("unitConfig", {})
+    assert grow["content"]["serviceConfig"]["ExecStart"].endswith(" grow")
 
 
 def test_network_unit_runs_early_without_default_dependencies() -> None:

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import fcntl
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from . import grow as growlib
+from . import rollback
 from . import seed as seedlib
 from .config import (
     FLAKE_FILE,
@@ -27,11 +28,11 @@ from .config import (
     ROOT_AUTHORIZED_KEYS,
     RUNTIME_INSTANCE_DATA,
     SEED_RECORD,
-    STATE_DIR,
     Config,
     ConfigError,
     load_config,
 )
+from .lock import BusyError, run_lock
 from .metadata import MetadataError, fetch_metadata, instance_data
 from .network import NetworkError, apply_network
 from .rebuild import RebuildError, current_system, run_rebuild
@@ -39,22 +40,6 @@ from .status import Log, StatusRecorder, now, read_boot_id, read_status, write_a
 
 # Block devices that never hold the installed system's disk.
 _SKIPPED_BLOCK_PREFIXES = ("loop", "ram", "zram", "sr", "dm-", "md", "nbd", "zd")
-
-
-class BusyError(Exception):
-    """Another nix-dabei run holds the lock."""
-
-
-@contextmanager
-def run_lock(config: Config) -> Iterator[None]:
-    path = config.path(f"{STATE_DIR}/lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BusyError(f"another nix-dabei run is in progress (lock {path} is held)") from None
-        yield
 
 
 def find_seed_device(config: Config) -> str:
@@ -215,6 +200,27 @@ def _converge(config: Config, log: Log, fetch: bool, new_flake: str | None = Non
         return 1
 
 
+def _apply_confirmed(config: Config, log: Log, flake: str, window_seconds: float) -> int:
+    """The switch of `apply --confirm-seconds`: armed before, its window opened (or undone) after."""
+    try:
+        with run_lock(config):
+            try:
+                record = rollback.arm(config, log, window_seconds, flake)
+            except (rollback.RollbackError, OSError, subprocess.TimeoutExpired) as exc:
+                log(f"not switching: {exc}")
+                StatusRecorder(config, "failed").fail(f"not switching: {exc}")
+                return 1
+            write_atomic(config.path(FLAKE_FILE), (flake + "\n").encode())
+            config.path(PENDING_MARKER).touch()
+            code = _converge_locked(config, log, fetch=False)
+            error = None if code == 0 else (read_status(config) or {}).get("last_error")
+            rollback.after_switch(config, log, record, code == 0, error)
+            return code
+    except BusyError as exc:
+        log(str(exc))
+        return 1
+
+
 def _converge_locked(config: Config, log: Log, fetch: bool) -> int:
     """metadata (if ``fetch`` or none persisted) -> network -> rebuild; status file at every step."""
     status = StatusRecorder(config, "metadata", max_attempts=config.metadata_retries)
@@ -331,6 +337,9 @@ def status_report(config: Config, log: Log) -> dict[str, Any]:
         "boot_id": read_boot_id(config),
         "system": current_system(config),
         "journal": journal,
+        "generation": rollback.current_generation(config)[0],
+        "confirm": rollback.read_record(config),
+        "features": list(rollback.FEATURES),
     }
 
 
@@ -349,13 +358,56 @@ def cmd_status(config: Config, log: Log) -> int:
     return 0
 
 
-def cmd_apply(config: Config, log: Log, flake: str) -> int:
+def cmd_apply(config: Config, log: Log, flake: str, confirm_seconds: float | None) -> int:
     if not flake or any(c.isspace() for c in flake):
         print(f"nix-dabei apply: invalid flake reference {flake!r}", file=sys.stderr)
         return 2
-    code = _converge(config, log, fetch=False, new_flake=flake)
-    print(json.dumps(status_report(config, log), sort_keys=True))
+    if confirm_seconds is None:
+        code = _converge(config, log, fetch=False, new_flake=flake)
+    else:
+        # The deployer may go away mid-switch: the switch finishes, and the watchdog decides.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        code = _apply_confirmed(config, log, flake, confirm_seconds)
+    with contextlib.suppress(OSError):  # nobody may read the answer any more
+        print(json.dumps(status_report(config, log), sort_keys=True))
     return code
+
+
+def cmd_grow(config: Config, log: Log) -> int:
+    """Every boot, after `seed`: the ZFS partition and pool take the whole disk (see grow.py)."""
+    try:
+        disk = find_seed_device(config)
+        result = growlib.grow(disk, config.grow_pool)
+    except (seedlib.SeedError, growlib.GrowError) as exc:
+        log(f"grow: {exc}")
+        return 1
+    log(f"grow: {growlib.describe(disk, result)}")
+    return 0
+
+
+def cmd_authorized_keys(config: Config, log: Log) -> int:
+    """Replace root's authorized keys with the lines on stdin (one OpenSSH public key each), atomically.
+    The component sends the deploy key with the user's keys, so it can always log in again."""
+    keys = [line.strip() for line in sys.stdin.read().splitlines() if line.strip()]
+    bad = [line for line in keys if len(line.split()) < 2 or line.startswith("#")]
+    if not keys or bad:
+        print(f"nix-dabei authorized-keys: expected one public key per line, got {len(keys)} line(s)", file=sys.stderr)
+        return 2
+    path = config.path(ROOT_AUTHORIZED_KEYS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, ("\n".join(keys) + "\n").encode(), mode=0o600)
+    log(f"authorized-keys: root has {len(keys)} key(s)")
+    return 0
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 1 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"expected between 1 and 86400 seconds, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -368,8 +420,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("firstboot", help="metadata, network and rebuild, when the pending marker exists")
     sub.add_parser("network", help="configure the uplink from the persisted instance data")
     sub.add_parser("status", help="print the status as JSON")
+    sub.add_parser("grow", help="grow the ZFS partition and pool to the whole disk")
+    sub.add_parser("authorized-keys", help="replace root's authorized keys with the keys on stdin")
     apply = sub.add_parser("apply", help="switch to a flake and rebuild")
     apply.add_argument("--flake", required=True, help="flake reference, e.g. github:me/hosts")
+    apply.add_argument(
+        "--confirm-seconds",
+        type=_seconds,
+        help="roll back unless `nix-dabei confirm` comes within this many seconds of the switch",
+    )
+    confirm = sub.add_parser("confirm", help="confirm a switch started by `apply --confirm-seconds`")
+    confirm.add_argument("--token", required=True, help="the switch's token (`confirm.token` of apply's answer)")
+    back = sub.add_parser("rollback", help="return a switch that waits for confirmation to the generation before")
+    back.add_argument("--token", required=True, help="the switch's token")
+    back.add_argument("--reason", default="rolled back by the deployer", help="recorded with the rollback")
+    watchdog = sub.add_parser("watchdog", help="roll a switch back when it is not confirmed in time")
+    watchdog.add_argument("--token", help="the switch to watch (default: the recorded one, after a reboot)")
     receive = sub.add_parser("receive", help="unpack a flake source sent by the deployer (tar on stdin)")
     receive.add_argument("--source", required=True, help="the source's id (32 hex digits)")
     return parser
@@ -393,7 +459,17 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_status(config, log)
     if args.command == "receive":
         return cmd_receive(config, log, args.source)
-    return cmd_apply(config, log, args.flake)
+    if args.command == "grow":
+        return cmd_grow(config, log)
+    if args.command == "authorized-keys":
+        return cmd_authorized_keys(config, log)
+    if args.command == "confirm":
+        return rollback.cmd_confirm(config, log, args.token)
+    if args.command == "rollback":
+        return rollback.cmd_rollback(config, log, args.token, args.reason)
+    if args.command == "watchdog":
+        return rollback.cmd_watchdog(config, log, args.token)
+    return cmd_apply(config, log, args.flake, args.confirm_seconds)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ from .config import CURRENT_SYSTEM, Config
 from .status import StatusRecorder
 
 OUTPUT_TAIL_LINES = 20
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # switch-to-configuration exits 4 when it switched but some units failed (nixpkgs
 # nixos/modules/system/activation/switch-to-configuration-ng). The Bash nixos-rebuild passes the 4 on;
 # nixos-rebuild-ng exits 1 with "Command '... switch-to-configuration switch' returned non-zero exit
@@ -37,6 +39,17 @@ def current_system(config: Config) -> str | None:
         return None
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the program that started it dies (prctl PR_SET_PDEATHSIG, Linux
+    prctl(2)). A rebuild never outlives the run that watches it: the confirmation watchdog decides about a
+    switch only once no rebuild of a dead `apply` can still start one."""
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _run_once(argv: list[str], timeout: float, log: Callable[[str], None]) -> tuple[int, str]:
     """Run one attempt in its own process group, log its output, return (exit code, output)."""
     try:
@@ -48,6 +61,7 @@ def _run_once(argv: list[str], timeout: float, log: Callable[[str], None]) -> tu
             text=True,
             errors="replace",
             start_new_session=True,
+            preexec_fn=_die_with_parent,  # the program is single-threaded
         )
     except OSError as exc:
         return 127, f"cannot start {argv[0]!r}: {exc.strerror or exc}"
