@@ -384,7 +384,8 @@ class Machine:
             finally:
                 writer.close()
 
-        server = await asyncio.start_server(answer, self.spec.ipv4, port, reuse_address=True)
+        # Its own address only: an IPv6-only machine given no address would take the port on every one.
+        server = await asyncio.start_server(answer, self.spec.address, port, reuse_address=True)
         self._services.append(server)
         self.app_port = port
 
