@@ -193,8 +193,11 @@ def test_a_reinstall_request_reinstalls_exactly_that_host(engine: LocalEngine, s
     assert after["ri-1"]["boot_id"] != before["ri-1"]["boot_id"]
     assert after["ri-2"] == before["ri-2"]
     assert preview(engine, request, "ri") == {}
-    # Taking the request out again is no new request.
+    # Taking the request out again is no new request, and neither is putting it back (a reverted pull
+    # request): only an ID the host was never given wipes it.
     assert preview(engine, fleet(sim, "ri"), "ri") == {}
+    up(engine, fleet(sim, "ri"), "ri")
+    assert preview(engine, request, "ri") == {}
 
 
 def test_a_new_server_type_resizes_in_place_keeps_the_disk_and_grows_the_pool(
