@@ -684,6 +684,7 @@ class LocalEngine(pulumi_mocks.Mocks):
 
     def _program(self, program: Callable[[], Any], preview: bool) -> Any:
         loop = asyncio.new_event_loop()
+        loop.set_exception_handler(_quiet_after_failure)
         # Resource registrations block a thread each until the resource is done. The Python language host
         # sizes this pool by `pulumi up --parallel` (default unbounded); asyncio's default of cpu count + 4
         # would let only 6 servers be created at once on 2 cores.
@@ -771,6 +772,16 @@ class LocalEngine(pulumi_mocks.Mocks):
         with self._run(preview=False):
             self._delete_all(set(self.state))
             return self._plan
+
+
+def _quiet_after_failure(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """After a failed run the SDK leaves the outputs of every resource that depended on the failure holding
+    that same error, and its pending tasks: asyncio would print each of them (thousands of lines for one
+    error the run already reported). Anything else goes to asyncio's default handler."""
+    message = str(context.get("message", ""))
+    if message.startswith(("Future exception was never retrieved", "Task was destroyed but it is pending")):
+        return
+    loop.default_exception_handler(context)
 
 
 def generated_keys(state: Mapping[str, Recorded], fleet: str) -> dict[str, Any]:
