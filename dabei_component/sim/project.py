@@ -25,6 +25,7 @@ from .state import (
     Server,
     SshKey,
 )
+from .uplink import Uplink
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class Project:
         self.metadata_base = ""  # "http://HOST:PORT/_metadata", known once the listener is bound
         self.faults = Faults()
         self.ratelimit = RateLimiter()
+        self.uplink = Uplink(lambda: {server.ipv4 for server in self.servers.values()})
         self.addresses = AddressPool()
         self.servers: dict[int, Server] = {}
         self.ssh_keys: dict[int, SshKey] = {}
@@ -206,6 +208,8 @@ class Project:
         }
         boot_hook = self.boot_hook if self.boot_hook is not None else default_boot_hook(self.durations)
         machine = self.machine_factory(spec, self.ssh_port, boot_hook)
+        if hasattr(machine, "uplink"):
+            machine.uplink = self.uplink
         self.machines[server.id] = machine
         return machine
 
