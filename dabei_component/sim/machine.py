@@ -62,6 +62,8 @@ class SshFaults:
     change_host_key_after_connections: int | None = None
     # The installed system never comes up (no sshd after a disk boot).
     boot_hook_fails: bool = False
+    # Each connection from another server (a relay) is cut after this many bytes from it.
+    drop_relays_after_bytes: int | None = None
 
     def set_faults(self, changes: dict[str, Any]) -> None:
         """Apply the given knobs (others stay); ValueError names a bad key or value, and nothing changes."""
@@ -92,7 +94,8 @@ def _check_fault(key: str, value: Any) -> Any:
         if not is_number or not 0 <= value <= 3600:
             raise ValueError(f"ssh fault {key!r} must be a number of seconds in [0, 3600], got {value!r}")
         return float(value)
-    # drop_after_bytes, change_host_key_after_connections: a positive integer, or null/0 for off
+    # drop_after_bytes, drop_relays_after_bytes, change_host_key_after_connections: a positive integer,
+    # or null/0 for off
     if value is None or value == 0:
         return None
     if not is_number or int(value) != value or value < 0:
@@ -318,7 +321,8 @@ class Machine:
         drop_after = self.faults.drop_after_bytes
         rotate_after = self.faults.change_host_key_after_connections
         use_proxy = drop_after is not None or rotate_after is not None
-        limited = self.uplink is not None and self.uplink.bits_per_second is not None
+        relay_drop = self.faults.drop_relays_after_bytes
+        limited = self.uplink is not None and (self.uplink.bits_per_second is not None or relay_drop is not None)
         # Clients reach ipv4:ssh_port; behind it, in this order: the uplink proxy, the fault proxy, sshd.
         public_port = self.ssh_port
         fault_port = free_port(self.spec.ipv4) if limited and use_proxy else public_port
@@ -360,6 +364,7 @@ class Machine:
                 port=public_port,
                 backend_port=fault_port if use_proxy else sshd_port,
                 uplink=self.uplink,
+                drop_servers_after_bytes=relay_drop,
             )
         if delay > 0:
             self.log_boot(f"ssh refuses connections for {delay:g}s (ssh fault refuse_for_seconds)")

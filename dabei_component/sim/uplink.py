@@ -101,8 +101,12 @@ class UplinkProxy:
     clients that are not servers go through `uplink.send`. Two threads per connection; unlimited
     directions are moved with splice(2) so relays between servers cost the simulator little CPU."""
 
-    def __init__(self, *, host: str, port: int, backend_port: int, uplink: Uplink) -> None:
+    def __init__(
+        self, *, host: str, port: int, backend_port: int, uplink: Uplink, drop_servers_after_bytes: int | None = None
+    ) -> None:
         self.host = host
+        # A fault: connections from other servers are cut after this many bytes from them.
+        self.drop_servers_after_bytes = drop_servers_after_bytes
         self.port = port
         self.backend_port = backend_port
         self.uplink = uplink
@@ -179,6 +183,8 @@ class _Connection:
                 while count := src.recv_into(buffer):
                     uplink.send(count)
                     dst.sendall(view[:count])
+            elif limited is False and self.proxy.drop_servers_after_bytes is not None:
+                _copy_until(src, dst, self.proxy.drop_servers_after_bytes, uplink.count_server)
             else:
                 _splice(src, dst, uplink.count_server if limited is False else None)
             with contextlib.suppress(OSError):
@@ -195,6 +201,17 @@ class _Connection:
                 self.proxy.forget(self.client, self.backend)
                 self.client.close()
                 self.backend.close()
+
+
+def _copy_until(src: socket.socket, dst: socket.socket, limit: int, count: Callable[[int], None]) -> None:
+    sent = 0
+    while data := src.recv(_STEP):
+        if sent + len(data) >= limit:
+            dst.sendall(data[: limit - sent])
+            raise OSError(errno.ECONNRESET, "cut by the fault drop_relays_after_bytes")
+        count(len(data))
+        dst.sendall(data)
+        sent += len(data)
 
 
 def _splice(src: socket.socket, dst: socket.socket, count: Callable[[int], None] | None) -> None:
