@@ -152,12 +152,13 @@ relays=()
 if [ -s "$work/children" ]; then
     while read -r name address port algorithms; do
         mkfifo "$work/to-$name"
-        ssh -i "$work/relay_key" -p "$port" -l root -o IdentitiesOnly=yes -o IdentityAgent=none \
+        { ssh -i "$work/relay_key" -p "$port" -l root -o IdentitiesOnly=yes -o IdentityAgent=none \
             -o BatchMode=yes -o StrictHostKeyChecking=yes -o UserKnownHostsFile="$work/known_hosts" \
             -o GlobalKnownHostsFile=/dev/null -o HostKeyAlgorithms="$algorithms" -o CheckHostIP=no \
             -o UpdateHostKeys=no -o Ciphers=aes128-gcm@openssh.com,chacha20-poly1305@openssh.com \
             -o Compression=no -o ConnectTimeout=15 -o ServerAliveInterval=15 -o ServerAliveCountMax=4 \
-            -o LogLevel=ERROR "$address" < "$work/to-$name" > /dev/null 2> "$work/relay-$name.log" &
+            -o LogLevel=ERROR "$address" < "$work/to-$name" > /dev/null \
+            || echo "the relay's ssh exited with status $?" >&2; } 2> "$work/relay-$name.log" &
         relays+=($!)
         outputs+=("$work/to-$name")
     done < "$work/children"
@@ -191,6 +192,15 @@ for pid in ${relays[@]+"${relays[@]}"}; do wait "$pid" || true; done
 
 def _facts(stdout: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in stdout.splitlines() if "=" in line)
+
+
+def human_size(n: float) -> str:
+    """`2.8 KiB`, `371.2 MiB`: for progress lines."""
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 def _gib(size: int) -> str:

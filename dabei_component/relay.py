@@ -37,6 +37,7 @@ from dabei_component.disk_writer import (
     DiskWriteError,
     ProgressCallback,
     WriteReport,
+    human_size,
     make_work_dir,
     prepare_disk,
     report,
@@ -142,8 +143,12 @@ async def relay_write(
         async with asyncio.timeout(timeout):
             await asyncio.gather(*(_set_up(m, m is members[0], key, token) for m in members))
             head = members[0]
-            if len(members) > 1:
-                log(head.host.name, f"relaying the image to {len(members) - 1} more host(s), {fanout} per host")
+            size = f"{human_size(image.compressed_size)} compressed"
+            more = f", relayed to {len(members) - 1} more host(s), {fanout} per host" if len(members) > 1 else ""
+            log(head.host.name, f"writing the image to {head.host.disk} ({size}), streamed from the deployer{more}")
+            for member in members:
+                for child in member.children:
+                    log(child.host.name, f"writing the image to {child.host.disk}, relayed from {member.host.name}")
             command = f"bash {shlex.quote(head.work + '/run')}"
             head_error: DiskWriteError | None = None
             try:
@@ -223,7 +228,7 @@ if [ -e "$work/result" ]; then cat "$work/result"; else echo "error=no stream re
 for log in "$work"/relay-*.log; do
     [ -s "$log" ] || continue
     name=${log##*/relay-}
-    echo "relay_error.${name%.log}=$(tail -c 500 "$log" | tr '\n' ' ')"
+    echo "relay_error.${name%.log}=$(tail -c 800 "$log" | tr -s '\r\n' '  ')"
 done
 """
 

@@ -27,7 +27,14 @@ from dabei_firstboot.seed import encode_seed
 from pulumi.dynamic import CheckFailure
 
 from .. import validation
-from ..disk_writer import ByteBudget, DiskRefused, DiskWriteError, WriteReport, write_image
+from ..disk_writer import (
+    ByteBudget,
+    DiskRefused,
+    DiskWriteError,
+    WriteReport,
+    human_size,
+    write_image,
+)
 from ..hetzner import HetznerError
 from ..imaging import PreparedImage
 from ..keys import fingerprint
@@ -114,15 +121,9 @@ _FLEET: contextvars.ContextVar[FleetWrite | None] = contextvars.ContextVar("dabe
 
 
 def _progress_log(ctx: HostContext) -> Any:
-    return lambda p: ctx.log(f"{_size(p.bytes_sent)} of {_size(p.total_bytes)} compressed sent, {_size(p.rate)}/s")
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError("unreachable")
+    return lambda p: ctx.log(
+        f"{human_size(p.bytes_sent)} of {human_size(p.total_bytes)} compressed sent, {human_size(p.rate)}/s"
+    )
 
 
 def seed_document(host: Mapping[str, Any], private_key: str) -> dict[str, Any]:
@@ -246,7 +247,7 @@ class InstallProvider(FleetStep):
                 result = await relay.write(ctx, member, image)
                 if result is not None:
                     return result
-            ctx.log(f"writing the image to {disk} ({_size(image.compressed_size)} compressed)")
+            ctx.log(f"writing the image to {disk} ({human_size(image.compressed_size)} compressed), streamed directly")
             return await write_image(
                 session.conn,
                 image,

@@ -8,6 +8,7 @@ real provider server against real sshd, zstd and loop disks.
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 from typing import Any
 
@@ -67,15 +68,24 @@ def test_hosts_relay_the_image_and_one_broken_relay_falls_back(
         assert relay_keys_left(control, install[name]["server_id"]) == []
 
     log = provider.log_path.read_text()
-    assert "[relay-1] install: relaying the image to 3 more host(s)" in log
+    assert "[relay-1] install: writing the image to /dev/sda" in log
+    assert "streamed from the deployer, relayed to 3 more host(s), 2 per host" in log
+    for name, parent in (("relay-2", "relay-1"), ("relay-3", "relay-1"), ("relay-4", "relay-2")):
+        assert f"[{name}] install: writing the image to /dev/sda, relayed from {parent}" in log
+
     # Host 3 was fed by host 1 and needed no direct stream; hosts 2 and 4 fell back to one.
+    def direct(name: str) -> bool:
+        return (
+            re.search(rf"\[{name}\] install: writing the image to /dev/sda \(.*\), streamed directly", log) is not None
+        )
+
     for name in ("relay-2", "relay-4"):
         assert f"[{name}] install: write attempt 1 failed" in log
-        assert f"[{name}] install: writing the image to /dev/sda" in log
-    assert "relayed from relay-1" in log and "relayed from relay-2" in log
+        assert direct(name)
+    assert "(relayed from relay-1: " in log and "(relayed from relay-2)" in log
     for name in ("relay-1", "relay-3"):
         assert f"[{name}] install: write attempt 1 failed" not in log
-        assert f"[{name}] install: writing the image to /dev/sda" not in log
+        assert not direct(name)
     # Server-to-server bytes flowed (host 1 to host 3), so the relay really carried the image.
     assert uplink["server_bytes"] > 0
 
