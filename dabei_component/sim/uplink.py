@@ -84,9 +84,9 @@ class Uplink:
             rate = self._bits_per_second
             if rate is None:
                 return
+            # The line sends what it granted back to back; a sender may run ahead of it by the burst.
             now = time.monotonic()
-            start = max(self._next_free, now - _BURST_SECONDS)
-            self._next_free = start + count * 8 / rate
+            self._next_free = max(self._next_free, now) + count * 8 / rate
             wait = self._next_free - now - _BURST_SECONDS
         if wait > 0:
             time.sleep(wait)
