@@ -43,6 +43,7 @@ import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import asyncssh
 
@@ -127,7 +128,8 @@ echo "write_zeroes=$(cat "$sysfs/queue/write_zeroes_max_bytes" 2>/dev/null || ec
 # deletes a non-regular output file on error (older ones might unlink the device node), and skips zero
 # blocks with --sparse the way dd conv=sparse does. Its verbose summary gives the bytes written.
 #
-# Arguments: a work directory made by `make_work_dir`, the disk, 1 for sparse writes. A relaying host
+# Arguments: a work directory made by `make_work_dir`, the disk, 1 for sparse writes, 1 to hash the
+# compressed bytes on the host (a relayed host must; a direct stream is hashed by the deployer). A relaying host
 # also has `children` there ("name address port host-key-algorithms" lines), `known_hosts` with their
 # pinned rescue keys and `relay_key`: the stream is forwarded to each child's own copy of this script
 # while it is written here (`tee -p` keeps writing the other outputs when one of them breaks, so a
@@ -135,19 +137,23 @@ echo "write_zeroes=$(cat "$sysfs/queue/write_zeroes_max_bytes" 2>/dev/null || ec
 # `result`; the lock tells the deployer when the script is over, `closed` keeps a late start out.
 STREAM_SCRIPT = r"""
 set -euo pipefail
-work=$1 disk=$2 sparse=$3
+work=$1 disk=$2 sparse=$3 hash=$4
 exec 9> "$work/lock"
 flock -n 9 || { echo "another write to $disk is running" >&2; exit 21; }
 [ ! -e "$work/closed" ] || { echo "the deployer closed this write before it began" >&2; exit 22; }
-mkfifo "$work/compressed"
-# OpenSSL's sha256 uses the CPU's SHA extensions: 4-5x coreutils' sha256sum (bench/README.md).
-if command -v openssl >/dev/null 2>&1; then
-    openssl dgst -sha256 -r < "$work/compressed" > "$work/sha256" &
-else
-    sha256sum < "$work/compressed" > "$work/sha256" &
+outputs=()
+hasher=""
+if [ "$hash" = 1 ]; then
+    mkfifo "$work/compressed"
+    # OpenSSL's sha256 uses the CPU's SHA extensions: 4-5x coreutils' sha256sum (bench/README.md).
+    if command -v openssl >/dev/null 2>&1; then
+        openssl dgst -sha256 -r < "$work/compressed" > "$work/sha256" &
+    else
+        sha256sum < "$work/compressed" > "$work/sha256" &
+    fi
+    hasher=$!
+    outputs+=("$work/compressed")
 fi
-hasher=$!
-outputs=("$work/compressed")
 relays=()
 if [ -s "$work/children" ]; then
     while read -r name address port algorithms; do
@@ -165,24 +171,31 @@ if [ -s "$work/children" ]; then
 fi
 version=$(zstd -V | sed -n 's/.* v\([0-9]*\)\.\([0-9]*\)\..*/\1 \2/p')
 major=${version% *} minor=${version#* }
-status=0
 if [ -n "$version" ] && { [ "$major" -gt 1 ] || { [ "$major" -eq 1 ] && [ "$minor" -ge 5 ]; }; }; then
     mode=--no-sparse
     [ "$sparse" = 1 ] && mode=--sparse
-    tee -p "${outputs[@]}" | zstd -d -f -v $mode -o "$disk" 2> "$work/log" || status=$?
-    written=$(sed -n 's/.*: \([0-9]*\) bytes *$/\1/p' "$work/log" | tail -n 1)
+    decompress() { zstd -d -f -v $mode -o "$disk" 2> "$work/log"; }
+    written() { sed -n 's/.*: \([0-9]*\) bytes *$/\1/p' "$work/log" | tail -n 1; }
 else
     conv=""
     [ "$sparse" = 1 ] && conv="conv=sparse"
-    tee -p "${outputs[@]}" | zstd -d -q -c | LC_ALL=C dd of="$disk" bs=4M iflag=fullblock $conv 2> "$work/log" \
-        || status=$?
-    written=$(tail -n 1 "$work/log" | cut -d' ' -f1)
+    decompress() { zstd -d -q -c | LC_ALL=C dd of="$disk" bs=4M iflag=fullblock $conv 2> "$work/log"; }
+    written() { tail -n 1 "$work/log" | cut -d' ' -f1; }
 fi
-wait "$hasher" || { [ "$status" -ne 0 ] || status=23; }
+status=0
+# tee only where the stream goes elsewhere too: it copies every byte in small reads and writes.
+if [ ${#outputs[@]} -gt 0 ]; then
+    tee -p "${outputs[@]}" | decompress || status=$?
+else
+    decompress || status=$?
+fi
+written=$(written)
+if [ -n "$hasher" ]; then wait "$hasher" || { [ "$status" -ne 0 ] || status=23; }; fi
 if [ "$status" -ne 0 ]; then
     echo "error=the host's pipeline exited with $status: $(tail -c 2000 "$work/log" | tr '\n' ' ')" > "$work/result"
 else
-    printf 'sha256=%s\nwritten=%s\n' "$(cut -d' ' -f1 "$work/sha256")" "$written" > "$work/result"
+    [ -z "$hasher" ] || echo "sha256=$(cut -d' ' -f1 "$work/sha256")" > "$work/result"
+    echo "written=$written" >> "$work/result"
 fi
 cat "$work/result"
 for pid in ${relays[@]+"${relays[@]}"}; do wait "$pid" || true; done
@@ -302,12 +315,15 @@ async def write_image(
         async with asyncio.timeout(timeout):
             sparse = await prepare_disk(conn, disk, image.raw_size)
             work = await make_work_dir(conn)
+            digest = hashlib.sha256()
             try:
-                command = _bash(STREAM_SCRIPT, work, disk, int(sparse))
-                completed = await stream(conn, image, command, disk=disk, progress=progress, budget=budget)
+                command = _bash(STREAM_SCRIPT, work, disk, int(sparse), 0)
+                completed = await stream(
+                    conn, image, command, disk=disk, progress=progress, budget=budget, digest=digest
+                )
             finally:
                 await remove_work_dir(conn, work)
-            verify_facts(_decoded(completed.stdout), image, disk)
+            verify_facts(_decoded(completed.stdout), image, disk, sent_sha256=digest.hexdigest())
             await write_seed(conn, disk, image, seed)
     except TimeoutError:
         raise DiskWriteError(f"writing {disk} did not finish within {timeout:g}s") from None
@@ -358,9 +374,11 @@ async def stream(
     disk: str,
     progress: ProgressCallback | None,
     budget: ByteBudget | None = None,
+    digest: Any = None,
 ) -> asyncssh.SSHCompletedProcess:
     """Send the prepared image's compressed bytes into `command` on the host; return the completed
-    process once it exited 0 (DiskWriteError otherwise, with the host's own error when it gave one)."""
+    process once it exited 0 (DiskWriteError otherwise, with the host's own error when it gave one).
+    `digest` (a hashlib object) is updated with every byte sent, in the reading thread."""
     loop = asyncio.get_running_loop()
     total = image.compressed_size
     sent = 0
@@ -368,6 +386,12 @@ async def stream(
     fd = os.open(image.compressed_path, os.O_RDONLY)
     process: asyncssh.SSHClientProcess[bytes] | None = None
     pending: asyncio.Future[bytes] | None = None
+
+    def read() -> bytes:
+        chunk = os.read(fd, CHUNK_BYTES)
+        if digest is not None:
+            digest.update(chunk)  # hashlib releases the GIL for large updates
+        return chunk
 
     def give_back() -> None:
         nonlocal held
@@ -383,13 +407,13 @@ async def stream(
         started = last_report = time.monotonic()
         # The next read runs in a thread while the current chunk is sent: a cold page cache must not
         # stall the event loop, which may be streaming to other hosts too.
-        pending = loop.run_in_executor(None, os.read, fd, CHUNK_BYTES)
+        pending = loop.run_in_executor(None, read)
         while True:
             chunk = await pending
             if not chunk:
                 pending = None
                 break
-            pending = loop.run_in_executor(None, os.read, fd, CHUNK_BYTES)
+            pending = loop.run_in_executor(None, read)
             if budget is not None:
                 await budget.take(len(chunk), give_back)
                 held += len(chunk)
@@ -448,17 +472,25 @@ def _decoded(data: bytes | str | None) -> str:
     return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
 
 
-def verify_facts(stdout: str, image: PreparedImage, disk: str) -> None:
-    """Check the facts the host's stream script reported (`sha256=`, `written=`, or `error=`)."""
+def verify_facts(stdout: str, image: PreparedImage, disk: str, *, sent_sha256: str | None = None) -> None:
+    """Check the facts the host's stream script reported (`sha256=` when it hashed, `written=`, or
+    `error=`); `sent_sha256` is the deployer's hash of what it sent, for a stream the host did not hash."""
     facts = _facts(stdout)
     if "error" in facts:
         raise DiskWriteError(f"writing {disk}: {facts['error'].strip()}")
-    received = facts.get("sha256", "")
-    if received != image.compressed_sha256:
-        raise DiskWriteError(
-            f"writing {disk}: the host received compressed bytes with sha256 {received or '(none)'}, "
-            f"expected {image.compressed_sha256}"
-        )
+    if sent_sha256 is not None:
+        if sent_sha256 != image.compressed_sha256:
+            raise DiskWriteError(
+                f"writing {disk}: the deployer sent compressed bytes with sha256 {sent_sha256}, expected"
+                f" {image.compressed_sha256} (the prepared image changed since it was hashed; prepare it again)"
+            )
+    else:
+        received = facts.get("sha256", "")
+        if received != image.compressed_sha256:
+            raise DiskWriteError(
+                f"writing {disk}: the host received compressed bytes with sha256 {received or '(none)'}, "
+                f"expected {image.compressed_sha256}"
+            )
     written = facts.get("written", "")
     if not re.fullmatch(r"[0-9]+", written) or int(written) != image.raw_size:
         raise DiskWriteError(

@@ -180,7 +180,7 @@ set -eu
 work=$1 disk=$2 sparse=$3 key_line=$4 keys=$5
 umask 077
 cat > "$work/stream"
-printf 'exec bash %q %q %q %q\n' "$work/stream" "$work" "$disk" "$sparse" > "$work/run"
+printf 'exec bash %q %q %q %q 1\n' "$work/stream" "$work" "$disk" "$sparse" > "$work/run"
 if [ -n "$key_line" ]; then
     mkdir -p "$(dirname "$keys")"
     printf '%s\n' "$key_line" >> "$keys"

@@ -155,7 +155,7 @@ async def test_a_stream_that_differs_from_the_prepared_hash_fails(
 ) -> None:
     device, _ = loop_devices.create(32 * MiB)
     wrong = dataclasses.replace(image, compressed_sha256="0" * 64)
-    with pytest.raises(DiskWriteError, match=f"{image.compressed_sha256}, expected 0000"):
+    with pytest.raises(DiskWriteError, match=f"sha256 {image.compressed_sha256}, expected 0000"):
         await write_image(conn, wrong, disk=device, seed=b"")
 
 
@@ -250,3 +250,16 @@ def test_the_relay_tree_and_host_key_algorithms() -> None:
         relay.plan_tree(3, fanout=0)
     assert relay.host_key_algorithms("ssh-ed25519 AAAA") == "ssh-ed25519"
     assert relay.host_key_algorithms("ssh-rsa AAAA") == "rsa-sha2-512,rsa-sha2-256"
+
+
+def test_a_relayed_host_must_report_the_prepared_hash(image: PreparedImage) -> None:
+    good = f"sha256={image.compressed_sha256}\nwritten={image.raw_size}\n"
+    disk_writer.verify_facts(good, image, "/dev/sda")
+    with pytest.raises(DiskWriteError, match="the host received compressed bytes with sha256 (none)"):
+        disk_writer.verify_facts(f"written={image.raw_size}\n", image, "/dev/sda")
+    with pytest.raises(DiskWriteError, match="with sha256 beef, expected"):
+        disk_writer.verify_facts(f"sha256=beef\nwritten={image.raw_size}\n", image, "/dev/sda")
+    with pytest.raises(DiskWriteError, match=f"wrote {image.raw_size - 1} bytes, expected {image.raw_size}"):
+        disk_writer.verify_facts(good.replace(f"={image.raw_size}", f"={image.raw_size - 1}"), image, "/dev/sda")
+    with pytest.raises(DiskWriteError, match="no stream reached the host"):
+        disk_writer.verify_facts("error=no stream reached the host\n", image, "/dev/sda")
