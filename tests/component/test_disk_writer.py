@@ -255,7 +255,7 @@ def test_the_relay_tree_and_host_key_algorithms() -> None:
 def test_a_relayed_host_must_report_the_prepared_hash(image: PreparedImage) -> None:
     good = f"sha256={image.compressed_sha256}\nwritten={image.raw_size}\n"
     disk_writer.verify_facts(good, image, "/dev/sda")
-    with pytest.raises(DiskWriteError, match="the host received compressed bytes with sha256 (none)"):
+    with pytest.raises(DiskWriteError, match=r"the host received compressed bytes with sha256 \(none\)"):
         disk_writer.verify_facts(f"written={image.raw_size}\n", image, "/dev/sda")
     with pytest.raises(DiskWriteError, match="with sha256 beef, expected"):
         disk_writer.verify_facts(f"sha256=beef\nwritten={image.raw_size}\n", image, "/dev/sda")
