@@ -2,29 +2,31 @@
 
 Steps on the host: check the disk (block device, not in use, large enough) before touching it; discard
 it and zero the image range; stream the compressed image into `zstd -d --sparse -o DISK` (older zstd:
-`zstd -d | dd conv=sparse`) while hashing the compressed bytes as they arrive, and, on a relaying host,
-forwarding them to the next hosts (see `relay.py`); verify; write the per-host seed and flush the device.
+`zstd -d | dd conv=sparse`), on a relaying host also forwarding it to the next hosts (see `relay.py`);
+verify; write the per-host seed and flush the device.
 
 What each check proves, and why together they are enough:
-- sha256 of the compressed bytes the host received, computed on the host (OpenSSL's, which uses the
-  CPU's SHA extensions: about 1.3 GB/s here, 4-5x coreutils' sha256sum), equal to the hash taken when
-  the image was prepared: the host decompressed exactly the image the deployer prepared, whatever
-  carried it (the deployer's cache file, a relaying host, each hop's SSH channel). This is the check a
-  relayed host cannot do without: SSH only authenticates each hop, and a relaying host could forward
-  other bytes. On a direct stream it also catches a cache file changed since it was hashed.
+- sha256 of the compressed bytes, equal to the hash taken when the image was prepared. On a direct
+  stream the deployer hashes what it reads and sends (in the reading thread); on a relayed host the
+  host hashes what it received (OpenSSL's sha256, which uses the CPU's SHA extensions: about 4x
+  coreutils' sha256sum here). Either way: the bytes decompressed are the image that was prepared, not a
+  cache file changed since. On a relayed host the host's own hash is what proves it: SSH authenticates
+  each hop, but a relaying host could forward other bytes, so the deployer's hash says nothing there.
+  A direct stream needs no hash on the host (see the SSH channel below); skipping it there saves `tee`,
+  which copies every byte in small reads and writes, and the hasher (bench/README.md).
+- The SSH channel's integrity (AES-GCM or chacha20-poly1305: every packet authenticated, with
+  sequence numbers): the host received exactly the bytes its sender sent, none changed, lost or
+  reordered; the end of the stream is an authenticated message, so a cut connection shows as a stream
+  that ends early.
 - zstd's content checksum of every frame (`--check` at preparation, verified by `zstd -d`), and zstd
-  failing on a truncated or damaged frame: the raw bytes written are the bytes that were compressed,
-  so decompression and the pipes on the host did not damage them.
+  failing on a truncated or damaged frame: the raw bytes written are the bytes that were compressed, so
+  the pipes and the decompressor on the host did not damage them, and a stream that ends early fails.
 - The decompressor's count of bytes written equals the image's raw size: the whole image reached the
-  disk, not a prefix (zstd stops with an error on a stream that ends inside a frame, and an image ends
-  after its last frame only when every frame arrived).
-- The SSH channel's integrity (AES-GCM or chacha20-poly1305, per-packet authentication with sequence
-  numbers): no byte changed, lost or reordered on the wire; the explicit end of the stream cannot be
-  forged, so a cut connection shows as a truncated stream (caught above).
+  disk, not a prefix of whole frames.
 - The seed is read back from the device (O_DIRECT where aligned) and compared by sha256.
 Not re-checked: hashing the 3 GiB raw disk after writing would cost more than the transfer and proves
-nothing the checksums above do not, short of a disk that loses writes (the next boot's ZFS checksums
-would see that).
+nothing the checks above do not, short of a disk that loses acknowledged writes (the next boot's ZFS
+checksums would see that).
 
 Zeros and `conv=sparse`: dd skips all-zero blocks, so the disk must read back zeros there. Discard alone
 does not promise that (devices may return old data after discard), so the image range is zeroed with
