@@ -3,7 +3,7 @@
 Each run is a whole `pulumi up` of a fleet, as `python -m dabei_component demo` runs it: the simulator in
 its own process (real sshd per server, loop disks, the real first-boot program), the real components under
 the local engine, every step in the real provider server (`python -m pulumi.dynamic`) over gRPC, the image
-built with the real `nix build`. Runs are interleaved over the sizes (1, 4, 8, 16, 1, 4, ...) after one
+built with the real `nix build`. Runs are interleaved over the sizes (1, 4, 16, 1, 4, ...) after one
 warm-up run per size, so that drift on the machine hits every size alike.
 
     python bench/fleet.py [--sizes 1,4,16] [--runs 5] [--scale 20] [--image-mib 3072] [--uplink-mbit 100] [--json]
@@ -11,7 +11,8 @@ warm-up run per size, so that drift on the machine hits every size alike.
 The image is bench/write.py's 3 GiB test image (built by `nix build` of a throw-away flake; `--image-mib
 0`: the 64 MiB fixture image), and the simulator's uplink model limits what the deployer sends to all
 servers together to `--uplink-mbit` (0: unlimited); traffic between servers (the relay) is not limited.
-The deployer's bytes are counted by the simulator's uplink proxy (`GET /_sim/uplink`).
+The deployer's bytes are counted by the simulator's uplink proxy (`GET /_sim/uplink`); with
+`--uplink-mbit 0` there is no proxy, and no bytes are counted.
 
 Simulator durations: what a Hetzner Cloud server takes (`REAL_SECONDS`) divided by `--scale`. The simulator
 boots a server at the end of its reset action, so `reset` is the whole reset-to-SSH time.
