@@ -31,6 +31,8 @@ from ..disk_writer import (
     ByteBudget,
     DiskRefused,
     DiskWriteError,
+    ProgressCallback,
+    WriteProgress,
     WriteReport,
     human_size,
     write_image,
@@ -78,10 +80,8 @@ class FleetWrite:
 
     async def write(self, ctx: HostContext, host: RelayHost, image: PreparedImage) -> WriteReport | None:
         """Join the relay round; None when the round had started already (write directly)."""
-        if (self._round is not None and self._round.done()) or (self._round is not None and self._ready is None):
-            return None
         if self._ready is not None and self._ready.is_set():
-            return None
+            return None  # the round has started
         future: asyncio.Future[WriteReport | DiskWriteError] = asyncio.get_running_loop().create_future()
         self._results[ctx.name] = future
         self._joined[ctx.name] = (ctx, host)
@@ -120,10 +120,12 @@ class FleetWrite:
 _FLEET: contextvars.ContextVar[FleetWrite | None] = contextvars.ContextVar("dabei_fleet_write", default=None)
 
 
-def _progress_log(ctx: HostContext) -> Any:
-    return lambda p: ctx.log(
-        f"{human_size(p.bytes_sent)} of {human_size(p.total_bytes)} compressed sent, {human_size(p.rate)}/s"
-    )
+def _progress_log(ctx: HostContext) -> ProgressCallback:
+    def report(p: WriteProgress) -> None:
+        sent, total, rate = human_size(p.bytes_sent), human_size(p.total_bytes), human_size(p.rate)
+        ctx.log(f"{sent} of {total} compressed sent, {rate}/s")
+
+    return report
 
 
 def seed_document(host: Mapping[str, Any], private_key: str) -> dict[str, Any]:
