@@ -3,10 +3,12 @@
 Resource graph of a fleet:
 
     Fleet
-    |- SshKeys            deploy key + one generated host key per host (secret outputs)
+    |- SshKeys            the deploy key (secret output)
     |- hcloud.SshKey      the deploy key, so rescue accepts it
+    |- hcloud.SshKey      each pasted user key the project does not hold yet (one per key, shared by hosts)
     |- Image              nix build, compressed and hashed once
     |- Host (per server)
+    |  |- HostKey         the host's generated SSH host key (secret output)
     |  `- hcloud.Server   placeholder OS; image, keys and user data ignored after creation
     |- Rescue             all hosts at once: rescue + reset, rescue host key pinned
     |- Install            all hosts at once: stream image, verify, write seed, boot from disk
@@ -17,19 +19,24 @@ The three host steps take the whole fleet in one call each (see `steps/base.py` 
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import pulumi
 import pulumi_command as command
 import pulumi_hcloud as hcloud
 
-from . import validation
-from .keys import known_hosts_line
+from . import server_options, validation
+from .keys import PublicKey, known_hosts_line
+from .recipients import recipients
+from .rollout import HealthCheck, Rollout, check_health_check, check_rollout
 from .steps.firstboot import FirstBoot
 from .steps.image import Image
 from .steps.install import Install
-from .steps.keys import SshKeys
+from .steps.keys import HostKey, SshKeys
 from .steps.rescue import Rescue
 
 DEFAULT_PLACEHOLDER_IMAGE = "debian-12"
@@ -53,17 +60,48 @@ class ImageArgs:
     nix_args: list[str] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class HostArgs:
+    """One host. `server_type` and `location` are required unless `existing_server` names the server.
+
+    The fields from `networks` on are pulumi-hcloud's `ServerArgs`, passed to the `hcloud.Server` the
+    component creates as given (see `server_options.py`); `image` to `datacenter` are the component's own
+    and refused when set (they exist so that the refusal says why)."""
+
     name: str
-    server_type: str
-    location: str
     flake: str  # the host runs `nixos-rebuild switch --flake <flake>#<name>`
-    ssh_keys: list[str] = field(default_factory=list)  # Hetzner SSH key names or OpenSSH public keys
+    server_type: str | None = None
+    location: str | None = None
+    # Pasted OpenSSH public keys, names of keys in the Hetzner project (free text) or their IDs.
+    ssh_keys: list[str | int] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)
     firewall_ids: list[int] = field(default_factory=list)
     disk: str = "/dev/sda"
-    reinstall: str = "on-image-change"  # or "never": a new image then only shows in the preview
+    # A new ID wipes the disk and reinstalls the host from the current image; None: never reinstall. A new
+    # image alone applies only to hosts installed from then on.
+    reinstall: str | None = None
+    # Checked after each switch and first boot, after the fleet's own `health_checks`.
+    health_checks: list[HealthCheck] = field(default_factory=list)
+    # A server made elsewhere (an `hcloud.Server` of this program, or a server ID) to install instead of
+    # creating one; the component never deletes it. Its name must be the host's name.
+    existing_server: hcloud.Server | pulumi.Input[int] | None = None
+    # pulumi-hcloud `ServerArgs`, passed through.
+    networks: pulumi.Input[list[pulumi.Input[hcloud.ServerNetworkArgs]]] | None = None
+    placement_group_id: pulumi.Input[int] | None = None
+    public_nets: pulumi.Input[list[pulumi.Input[hcloud.ServerPublicNetArgs]]] | None = None
+    backups: pulumi.Input[bool] | None = None
+    delete_protection: pulumi.Input[bool] | None = None
+    rebuild_protection: pulumi.Input[bool] | None = None
+    keep_disk: pulumi.Input[bool] | None = None
+    shutdown_before_deletion: pulumi.Input[bool] | None = None
+    ignore_remote_firewall_ids: pulumi.Input[bool] | None = None
+    # Owned by the component: refused when set (server_options.OWNED says why).
+    image: None = None
+    user_data: None = None
+    rescue: None = None
+    iso: None = None
+    allow_deprecated_images: None = None
+    datacenter: None = None
 
 
 @dataclass
@@ -73,6 +111,9 @@ class FleetArgs:
     deadlines: Deadlines = field(default_factory=Deadlines)
     placeholder_image: str = DEFAULT_PLACEHOLDER_IMAGE
     ssh_port: int = 22  # only for the local simulator; Hetzner's rescue listens on 22
+    # Checked on every host after each switch and first boot (see rollout.py).
+    health_checks: list[HealthCheck] = field(default_factory=list)
+    rollout: Rollout = field(default_factory=Rollout)
 
 
 class InvalidArgs(ValueError):
@@ -92,42 +133,187 @@ def validate(args: FleetArgs) -> list[validation.Problem]:
         if host.name in seen:
             problems.append((f"{p}.name", f"duplicate host name {host.name!r}: every host needs its own name"))
         seen.add(host.name)
-        problems += validation.name(f"{p}.server_type", host.server_type, "server type")
-        problems += validation.name(f"{p}.location", host.location, "location")
+        if host.existing_server is None:
+            problems += validation.name(f"{p}.server_type", host.server_type, "server type")
+            problems += validation.name(f"{p}.location", host.location, "location")
+            problems += server_options.validate(p, host)
+        else:
+            problems += _existing_server_problems(p, host)
         problems += validation.flake_ref(f"{p}.flake", host.flake)
         problems += validation.ssh_keys(f"{p}.ssh_keys", host.ssh_keys)
         problems += validation.labels(f"{p}.labels", host.labels)
         problems += validation.firewall_ids(f"{p}.firewall_ids", host.firewall_ids)
         problems += validation.disk(f"{p}.disk", host.disk)
         problems += validation.reinstall(f"{p}.reinstall", host.reinstall)
+        problems += _health_checks(f"{p}.health_checks", host.health_checks)
     problems += validation.flake_ref("image.flake", args.image.flake)
     for step in ("rescue", "install", "firstboot"):
         problems += validation.positive_seconds(f"deadlines.{step}", getattr(args.deadlines, step))
+    problems += _health_checks("health_checks", args.health_checks)
+    if not isinstance(args.rollout, Rollout):
+        problems.append(("rollout", f"expected a Rollout, got {type(args.rollout).__name__}"))
+    else:
+        problems += check_rollout("rollout", {**args.rollout.wire(), "max_unavailable": args.rollout.max_unavailable})
     return problems
 
 
-def _with_results(
-    hosts: pulumi.Output[dict[str, dict[str, Any]]], results: pulumi.Output[dict[str, Any]], fields: tuple[str, ...]
-) -> pulumi.Output[dict[str, dict[str, Any]]]:
-    """Each host's program inputs plus the named results of the step before."""
-    return pulumi.Output.all(hosts, results).apply(
-        lambda a: {n: {**h, **{f: (a[1].get(n) or {}).get(f) for f in fields}} for n, h in a[0].items()}
+def _health_checks(prop: str, checks: Any) -> list[validation.Problem]:
+    if not isinstance(checks, list):
+        return [(prop, f"expected a list of health checks, got {type(checks).__name__}")]
+    problems: list[validation.Problem] = []
+    for i, check in enumerate(checks):
+        if not isinstance(check, HealthCheck):
+            problems.append((f"{prop}[{i}]", f"expected a HealthCheck, got {type(check).__name__}"))
+            continue
+        problems += check_health_check(f"{prop}[{i}]", {k: v for k, v in vars(check).items() if k != "name"})
+        if check.name is not None and (not isinstance(check.name, str) or not check.name.strip()):
+            problems.append((f"{prop}[{i}].name", f"expected a non-empty name, got {check.name!r}"))
+    return problems
+
+
+def _existing_server_problems(prop: str, host: HostArgs) -> list[validation.Problem]:
+    server = host.existing_server
+    problems: list[validation.Problem] = []
+    if not isinstance(server, hcloud.Server | pulumi.Output):
+        problems += validation.hetzner_id(f"{prop}.existing_server", server)
+    problems += [
+        (f"{prop}.{n}", "set on the existing server itself: the component does not create it")
+        for n in server_options.set_on(host)
+    ]
+    problems += [(p, r) for p, r in server_options.validate(prop, host) if p.split(".")[-1] in server_options.OWNED]
+    return problems
+
+
+def _get(mapping: Mapping[str, Any] | None, key: str) -> Any:
+    return (mapping or {}).get(key)
+
+
+def _step_results(step_hosts: pulumi.Output[dict[str, Any]], fields: tuple[str, ...]) -> pulumi.Output[Any]:
+    """The named results of a step for each host, `{name: {field: value}}`, for the step after it.
+
+    They travel as one input of their own, beside `hosts`, so that a preview shows them as one value
+    (`rescued`, `installed`) instead of a change under every host: a preview of a step being updated hands
+    back its inputs as its outputs (the engine's rule for providers that do not preview), so its results
+    are not known yet, and they are marked so."""
+
+    def pick(hosts: Mapping[str, Any]) -> Any:
+        if pulumi.runtime.is_dry_run() and any(f not in h for h in hosts.values() for f in fields):
+            return pulumi.output.UNKNOWN
+        return {n: {f: h.get(f) for f in fields} for n, h in hosts.items()}
+
+    return step_hosts.apply(pick)
+
+
+# Marks the SSH keys a fleet uploads itself (pasted public keys the project did not hold): those stay the
+# fleet's resources on later runs, while a key the project already holds under any name is only used.
+OWNER_LABEL = "nix-dabei/fleet"
+
+
+def _owner(fleet: str) -> str:
+    """The `OWNER_LABEL` value of one fleet of one stack (a label value holds at most 63 characters)."""
+    ident = f"{pulumi.get_project()}/{pulumi.get_stack()}/{fleet}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class ProjectKey:
+    """An SSH key of the Hetzner project, as pulumi-hcloud's `getSshKeys` returns it (`md5` is the
+    `fingerprint` field)."""
+
+    id: int
+    name: str
+    public_key: str
+    md5: str
+    labels: dict[str, str]
+
+
+def project_ssh_keys() -> list[ProjectKey]:
+    """Every SSH key of the project, through pulumi-hcloud's `getSshKeys` invoke (it runs at preview too)."""
+    found = hcloud.get_ssh_keys().ssh_keys
+    return [ProjectKey(int(k.id), k.name, k.public_key, k.fingerprint, dict(k.labels or {})) for k in found]
+
+
+@dataclass
+class KeyPlan:
+    """Per host: the Hetzner keys for the server (IDs of keys the project holds, or the MD5 fingerprint of a
+    pasted key the fleet uploads: `upload[md5]`) and root's authorized key lines for the installed host."""
+
+    server_keys: dict[str, list[int | str]]
+    authorized: dict[str, list[str]]
+    upload: dict[str, str]  # md5 fingerprint -> `type base64` of each key the fleet uploads
+    problems: list[validation.Problem]
+
+
+def plan_user_keys(hosts: list[HostArgs], project: list[ProjectKey], owner: str) -> KeyPlan:
+    """Resolve each host's `ssh_keys`: names and IDs to keys of the project, pasted keys to the project's key
+    with the same fingerprint (whatever its name or comment) or else to an upload shared by all hosts."""
+    by_id = {k.id: k for k in project}
+    by_name = {k.name: k for k in project}
+    by_md5 = {k.md5: k for k in project}
+    plan = KeyPlan({}, {}, {}, [])
+    for i, host in enumerate(hosts):
+        server_keys: list[int | str] = []
+        authorized: list[str] = []
+        for j, entry in enumerate(host.ssh_keys):
+            key = validation.ssh_key_entry(entry)  # validate() has vouched for every entry
+            if isinstance(key, PublicKey):
+                held = by_md5.get(key.md5)
+                use: int | str = key.md5
+                if held is not None and held.labels.get(OWNER_LABEL) != owner:
+                    use = held.id
+                else:
+                    plan.upload.setdefault(key.md5, key.blob)
+                line = key.line
+            else:
+                # Like pulumi-hcloud (hcloud-go's Get): a number is tried as an ID first, then as a name.
+                held = by_id.get(int(key)) if isinstance(key, int) or key.isdigit() else None
+                if held is None and isinstance(key, str):
+                    held = by_name.get(key)
+                if held is None:
+                    plan.problems.append((f"hosts[{i}].ssh_keys[{j}]", _missing_key(key, project)))
+                    continue
+                use, line = held.id, held.public_key
+            if use not in server_keys:
+                server_keys.append(use)
+                authorized.append(line)
+        plan.server_keys[host.name] = server_keys
+        plan.authorized[host.name] = authorized
+    return plan
+
+
+def _missing_key(key: int | str, project: list[ProjectKey]) -> str:
+    names = sorted(repr(k.name) for k in project)
+    held = f"it has {', '.join(names[:10])}{' and more' if len(names) > 10 else ''}" if names else "it has none"
+    if isinstance(key, int):
+        return f"no SSH key with ID {key} in this Hetzner project ({held})"
+    return (
+        f"no SSH key named {key!r} in this Hetzner project ({held}); names match exactly, or paste the "
+        f"public key itself{validation.not_a_key_hint(key)}"
     )
 
 
-def _pick(mapping: pulumi.Output[dict[str, str]], key: str) -> pulumi.Output[str]:
-    return mapping.apply(lambda m: m[key])
-
-
-def _is_public_key(key: str) -> bool:
-    return " " in key.strip()
+def _same_name(host: str, found: list[Any]) -> int:
+    server_id, server_name = found
+    if server_name is not None and not isinstance(server_name, pulumi.output.Unknown) and server_name != host:
+        raise InvalidArgs(
+            [
+                (
+                    "existing_server",
+                    f"server {server_id} is named {server_name!r}, not {host!r}: the installed system builds "
+                    f"<flake>#<the server's name>, so name the host {server_name!r} or rename the server",
+                )
+            ]
+        )
+    return int(server_id)
 
 
 class Host(pulumi.ComponentResource):
     """One server of a fleet: the hcloud server and what the component proved about it."""
 
-    ipv4: pulumi.Output[str]
-    ipv6: pulumi.Output[str]
+    ipv4: pulumi.Output[str | None]
+    ipv6: pulumi.Output[str | None]
+    address: pulumi.Output[str]
+    recipients: pulumi.Output[dict[str, str]]
     known_hosts: pulumi.Output[str]
     system: pulumi.Output[str]
     connection: pulumi.Output[Any]
@@ -139,45 +325,71 @@ class Host(pulumi.ComponentResource):
         *,
         placeholder_image: str,
         authorized_key_names: list[pulumi.Input[str]],
+        adopt_host_key: pulumi.Input[str | None] | None = None,
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
         super().__init__("nix-dabei:index:Host", name, None, opts)
         self.args = args
-        self.server = hcloud.Server(
-            f"{name}-server",
-            name=args.name,
-            server_type=args.server_type,
-            location=args.location,
-            image=placeholder_image,
-            labels=args.labels,
-            firewall_ids=[int(f) for f in args.firewall_ids],
-            ssh_keys=authorized_key_names,
-            opts=pulumi.ResourceOptions(
-                parent=self,
-                # The OS on the disk is ours after installation: changing the placeholder image or the
-                # keys (which pulumi-hcloud would do by replacing the server) must never replace it.
-                ignore_changes=["image", "sshKeys", "userData"],
-            ),
+        child = pulumi.ResourceOptions(parent=self)
+        self.host_key = HostKey(f"{name}-hostkey", host=args.name, adopt_private_key=adopt_host_key, opts=child)
+        self.server: hcloud.Server | None = None  # only a server the component created
+        existing = args.existing_server
+        if existing is None:
+            self.server = hcloud.Server(
+                f"{name}-server",
+                name=args.name,
+                server_type=args.server_type,
+                location=args.location,
+                image=placeholder_image,
+                labels=args.labels,
+                firewall_ids=[int(f) for f in args.firewall_ids],
+                ssh_keys=authorized_key_names,
+                **server_options.server_kwargs(args),
+                opts=pulumi.ResourceOptions(
+                    parent=self,
+                    # The OS on the disk is ours after installation: changing the placeholder image or the
+                    # keys (which pulumi-hcloud would do by replacing the server) must never replace it.
+                    ignore_changes=["image", "sshKeys", "userData"],
+                ),
+            )
+        # The server resource, or what pulumi-hcloud's `getServer` reads of a server given by ID: the same
+        # output names either way.
+        server: Any = self.server or (
+            existing if isinstance(existing, hcloud.Server) else hcloud.get_server_output(id=existing)
         )
-        self.ipv4 = self.server.ipv4_address
-        self.ipv6 = self.server.ipv6_address
+        self.server_type, self.location = server.server_type, server.location
+        # The installed system builds `<flake>#<server name from the metadata>`: it must be the host's name.
+        self.server_id = pulumi.Output.all(server.id, server.name).apply(partial(_same_name, args.name))
+        # pulumi-hcloud reports an address that is off as "": the outputs say None.
+        self.ipv4 = server.ipv4_address.apply(lambda a: a or None)
+        self.ipv6 = server.ipv6_address.apply(lambda a: a or None)
+        # Where the component and `connection_args()` reach the host: IPv4, else (IPv6-only) IPv6.
+        self.address = pulumi.Output.all(self.ipv4, self.ipv6).apply(lambda a: a[0] or a[1])
+        self.recipients = self.host_key.public_key.apply(recipients)
 
-    def finish(
-        self, first_boot: FirstBoot, host_public_key: pulumi.Output[str], deploy_key: pulumi.Output[str], ssh_port: int
-    ) -> None:
+    def finish(self, first_boot: FirstBoot, deploy_key: pulumi.Output[str], ssh_port: int) -> None:
         name = self.args.name
         self.system = first_boot.hosts.apply(lambda hosts: hosts[name].get("system"))
-        self.known_hosts = pulumi.Output.all(self.ipv4, host_public_key).apply(
+        host_public_key = self.host_key.public_key
+        self.known_hosts = pulumi.Output.all(self.address, host_public_key).apply(
             lambda a: known_hosts_line(a[0], a[1], port=ssh_port)
         )
-        # Chain `command.remote.Command` steps on this: host-key checking stays on.
+        # Chain `command.remote.Command` steps on this (with `depends_on` the fleet's first boot): host-key
+        # checking stays on. Only what identifies the host goes in, so a preview that updates a step does
+        # not show every command's connection as changing.
         self.connection = pulumi.Output.secret(
-            pulumi.Output.all(self.ipv4, host_public_key, deploy_key, self.system).apply(
+            pulumi.Output.all(self.address, host_public_key, deploy_key).apply(
                 lambda a: {"host": a[0], "port": ssh_port, "user": "root", "host_key": a[1], "private_key": a[2]}
             )
         )
         self.register_outputs(
-            {"ipv4": self.ipv4, "ipv6": self.ipv6, "known_hosts": self.known_hosts, "system": self.system}
+            {
+                "ipv4": self.ipv4,
+                "ipv6": self.ipv6,
+                "known_hosts": self.known_hosts,
+                "system": self.system,
+                "recipients": self.recipients,
+            }
         )
 
     def connection_args(self) -> command.remote.ConnectionArgs:
@@ -199,57 +411,67 @@ class Fleet(pulumi.ComponentResource):
         problems = validate(args)
         if problems:
             raise InvalidArgs(problems)
+        owner = _owner(name)
+        project = project_ssh_keys() if any(h.ssh_keys for h in args.hosts) else []
+        keys = plan_user_keys(args.hosts, project, owner)
+        if keys.problems:
+            raise InvalidArgs(keys.problems)
         super().__init__("nix-dabei:index:Fleet", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
-        names = [h.name for h in args.hosts]
 
-        self.keys = SshKeys(f"{name}-keys", host_names=names, opts=child)
+        self.keys = SshKeys(f"{name}-keys", opts=child)
         self.deploy_key = hcloud.SshKey(f"{name}-deploy", public_key=self.keys.deploy_public_key, opts=child)
         self.image = Image(
             f"{name}-image", flake=args.image.flake, attr=args.image.attr, nix_args=args.image.nix_args, opts=child
         )
 
-        user_keys: dict[str, hcloud.SshKey] = {}
+        uploaded = {}
+        for md5, blob in keys.upload.items():
+            key_name = f"{name}-key-{md5.replace(':', '')[:12]}"  # named by the key: stable as hosts change
+            uploaded[md5] = hcloud.SshKey(
+                key_name, name=key_name, public_key=blob, labels={OWNER_LABEL: owner}, opts=child
+            )
         self.hosts = {}
         for host in args.hosts:
             # The deploy key too: a server created without keys gets a root password by e-mail.
             key_names: list[pulumi.Input[str]] = [self.deploy_key.name]
-            for key in host.ssh_keys:
-                if _is_public_key(key):
-                    if key not in user_keys:
-                        user_keys[key] = hcloud.SshKey(f"{name}-user-{len(user_keys)}", public_key=key, opts=child)
-                    key_names.append(user_keys[key].name)
-                else:
-                    key_names.append(key)
+            for use in keys.server_keys[host.name]:
+                key_names.append(str(use) if isinstance(use, int) else uploaded[use].id)
             self.hosts[host.name] = Host(
                 f"{name}-{host.name}",
                 host,
                 placeholder_image=args.placeholder_image,
                 authorized_key_names=key_names,
+                adopt_host_key=self.keys.host_private_keys.apply(partial(_get, key=host.name)),
                 opts=child,
             )
+        host_private_keys = {n: h.host_key.private_key for n, h in self.hosts.items()}
 
-        authorized = self._authorized_keys(args, user_keys)
+        authorized = {
+            h.name: pulumi.Output.all(self.keys.deploy_public_key, *keys.authorized[h.name]).apply(list)
+            for h in args.hosts
+        }
         # What the program says about each host. Every step gets these directly (not through the step
         # before it), so a step that has nothing to do never hands stale inputs downstream.
-        host_inputs: pulumi.Output[dict[str, dict[str, Any]]] = pulumi.Output.from_input(
-            {
-                h.name: {
-                    "server_id": self.hosts[h.name].server.id.apply(int),
-                    "ipv4": self.hosts[h.name].ipv4,
-                    "image": self.image.out_path,
-                    "reinstall": h.reinstall,
-                    "disk": h.disk,
-                    "flake": h.flake,
-                    "hostname": h.name,
-                    "server_type": h.server_type,
-                    "location": h.location,
-                    "host_public_key": _pick(self.keys.host_public_keys, h.name),
-                    "authorized_keys": authorized[h.name],
-                }
-                for h in args.hosts
+        # A plain map of outputs, not one output: each value is sent on its own, so a preview that adds a
+        # host has only that host's values not known yet (`hosts.<new>`), not the whole map.
+        host_inputs: dict[str, dict[str, pulumi.Input[Any]]] = {
+            h.name: {
+                "server_id": self.hosts[h.name].server_id,
+                "ipv4": self.hosts[h.name].ipv4,
+                "ipv6": self.hosts[h.name].ipv6,
+                "image": self.image.out_path,
+                "reinstall": h.reinstall,
+                "disk": h.disk,
+                "flake": h.flake,
+                "hostname": h.name,
+                "server_type": self.hosts[h.name].server_type,
+                "location": self.hosts[h.name].location,
+                "host_public_key": self.hosts[h.name].host_key.public_key,
+                "authorized_keys": authorized[h.name],
             }
-        )
+            for h in args.hosts
+        }
         rescue_keys = [self.deploy_key.id.apply(int)]
         self.rescue = Rescue(
             f"{name}-rescue",
@@ -270,46 +492,35 @@ class Fleet(pulumi.ComponentResource):
         rescue_results = ("rescue_host_key", "rescue_boot_id", "rescue_action_id")
         self.install = Install(
             f"{name}-install",
-            hosts=_with_results(host_inputs, self.rescue.hosts, rescue_results),
+            hosts=host_inputs,
+            rescued=_step_results(self.rescue.hosts, rescue_results),
             image=image_outputs,
             rescue_ssh_key_ids=rescue_keys,
             deploy_private_key=self.keys.deploy_private_key,
-            host_private_keys=self.keys.host_private_keys,
+            host_private_keys=host_private_keys,
             deadline_seconds=args.deadlines.install,
             opts=child,
         )
         self.first_boot = FirstBoot(
             f"{name}-firstboot",
-            hosts=_with_results(host_inputs, self.install.hosts, ("installed_image", "rescue_boot_id")),
+            hosts=host_inputs,
+            installed=_step_results(self.install.hosts, ("installed_image", "rescue_boot_id")),
             deploy_private_key=self.keys.deploy_private_key,
             deadline_seconds=args.deadlines.firstboot,
+            rollout=args.rollout.wire(),
+            # Only hosts with checks: adding a host without any shows nothing here in a preview.
+            health_checks={
+                h.name: [c.wire() for c in [*args.health_checks, *h.health_checks]]
+                for h in args.hosts
+                if args.health_checks or h.health_checks
+            },
             opts=child,
         )
         for h in args.hosts:
-            self.hosts[h.name].finish(
-                self.first_boot,
-                _pick(self.keys.host_public_keys, h.name),
-                self.keys.deploy_private_key,
-                args.ssh_port,
-            )
+            self.hosts[h.name].finish(self.first_boot, self.keys.deploy_private_key, args.ssh_port)
         self.register_outputs(
             {
                 "image": self.image.out_path,
                 "hosts": {n: {"ipv4": h.ipv4, "system": h.system} for n, h in self.hosts.items()},
             }
         )
-
-    def _authorized_keys(
-        self, args: FleetArgs, user_keys: dict[str, hcloud.SshKey]
-    ) -> dict[str, pulumi.Output[list[str]]]:
-        """Root's keys on the installed host: the deploy key and each user key, one key per entry."""
-        result = {}
-        for host in args.hosts:
-            keys: list[pulumi.Input[str]] = [self.keys.deploy_public_key]
-            for key in host.ssh_keys:
-                if _is_public_key(key):
-                    keys.append(key.strip())
-                else:
-                    keys.append(hcloud.get_ssh_key_output(name=key).public_key)
-            result[host.name] = pulumi.Output.all(*keys).apply(list)
-        return result

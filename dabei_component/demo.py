@@ -25,7 +25,7 @@ from hcloud import Client
 
 from .component import Deadlines, FleetArgs, HostArgs, ImageArgs
 from .imaging import OFFLINE_NIX_ARGS
-from .localup import LocalEngine
+from .localup import LocalEngine, Plan
 from .program import declare
 from .provider_server import ProviderServer
 from .sim.client import free_port
@@ -103,6 +103,25 @@ def provider_config(sim: SimHandle) -> dict[str, str]:
     return {"hcloud:token": sim.token, "hcloud:endpoint": sim.endpoint, "nix-dabei:sshPort": str(sim.ssh_port)}
 
 
+def preview_demo(servers: int, ssh_port: int, work_dir: Path) -> Plan:
+    """The plan `up` would carry out for `servers` new simulated servers; nothing is created."""
+    with simulator(work_dir / "sim", ssh_port) as sim:
+        server = ProviderServer(
+            project="nix-dabei",
+            log_path=work_dir / "provider.log",
+            env={"XDG_CACHE_HOME": str(work_dir / "cache")},
+            echo=sys.stderr,
+        )
+        try:
+            server.configure(provider_config(sim))
+            engine = LocalEngine(
+                server=server, hcloud=Client(token=sim.token, api_endpoint=sim.endpoint, poll_interval=0.2)
+            )
+            return engine.preview(lambda: declare(demo_args(servers, ssh_port=sim.ssh_port)))
+        finally:
+            server.close()
+
+
 def run_demo(servers: int, ssh_port: int, work_dir: Path, echo: bool = True) -> list[dict[str, Any]]:
     """Install `servers` simulated servers; one record per host with its status and outputs."""
     with simulator(work_dir / "sim", ssh_port) as sim:
@@ -135,6 +154,9 @@ def main(argv: list[str]) -> int:
         "--ssh-port", type=int, default=0, help="SSH port of the simulated servers (default: a free port)"
     )
     parser.add_argument("--work-dir", type=Path, help="keep state, logs and caches here (default: a temp dir)")
+    parser.add_argument(
+        "--preview", action="store_true", help="only show the plan `pulumi preview` would show; create nothing"
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.servers <= 50:
         parser.error("--servers must be between 1 and 50")
@@ -147,6 +169,9 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="nix-dabei-demo-") as tmp:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
+        if args.preview:
+            print(preview_demo(args.servers, args.ssh_port, work).render(), flush=True)
+            return 0
         started = time.monotonic()
         hosts = run_demo(args.servers, args.ssh_port, work)
         elapsed = round(time.monotonic() - started, 1)

@@ -1,8 +1,10 @@
 """The few Hetzner Cloud calls the steps need, over the official `hcloud` library.
 
-The library already retries rate limits and gateway errors a few times; this wrapper adds what a step that
-runs for minutes needs on top: retrying with backoff until the step's own deadline, and error messages
-that name the server, the call and the API's error.
+Every call ends by the step's deadline: the library's own retries are switched off (hcloud-python 2.27 retries
+rate limits, conflicts and gateway errors up to five times with a backoff of up to 60 s, which would keep
+one call blocked past the deadline), each request's timeout is cut to the time left, and this wrapper
+retries with backoff until the deadline. A call that fails for good names the server, the call and the
+API's last answer (for a spent rate limit: when `RateLimit-Reset` says the budget is full again).
 
 What is retried depends on what the answer says about the request:
 - the API did not act on it (`locked`, `conflict`, `rate_limit_exceeded`, 503 `service_error`,
@@ -17,13 +19,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import requests
 from hcloud import APIException, Client
 from hcloud.actions import BoundAction
 from hcloud.servers import Server
-from hcloud.ssh_keys import SSHKey
 
 T = TypeVar("T")
 
@@ -40,6 +42,8 @@ _NOT_PROCESSED: set[str | int] = {
 }
 _OUTCOME_UNKNOWN: set[str | int] = {"server_error", "bad_gateway", "timeout", 500, 502, 504}
 _BACKOFF_MAX_SECONDS = 30.0
+# One request's timeout (connect and read) when more of the deadline is left.
+REQUEST_SECONDS = 30.0
 # Actions after which a server no longer runs the system it ran before (a rescue session ends with them).
 RESTART_COMMANDS = frozenset(
     {
@@ -74,6 +78,38 @@ def _no_log(_message: str) -> None:
     pass
 
 
+class _DeadlineSession(requests.Session):
+    """The HTTP session under the `hcloud` client: each request ends by `deadline` (time.monotonic()), and
+    the last response is kept for what the API said beyond its error body (the rate-limit headers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deadline: float | None = None
+        self.last: requests.Response | None = None
+
+    def request(self, *args: Any, **kwargs: Any) -> requests.Response:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise requests.Timeout("the step's deadline has passed")
+            kwargs["timeout"] = min(left, REQUEST_SECONDS)
+        self.last = None
+        response = super().request(*args, **kwargs)
+        self.last = response
+        return response
+
+
+def _rate_limit_note(response: requests.Response | None) -> str:
+    """When a spent budget is full again, from the `RateLimit-Reset` header (UNIX seconds; Hetzner Cloud API
+    reference, "Rate Limiting")."""
+    reset = response.headers.get("RateLimit-Reset") if response is not None else None
+    if reset is None or not reset.strip().isdigit():
+        return ""
+    when = datetime.fromtimestamp(int(reset), tz=UTC)
+    seconds = max(0, round(int(reset) - time.time()))
+    return f"; RateLimit-Reset says the budget is full again at {when:%Y-%m-%d %H:%M:%S} UTC (in {seconds} s)"
+
+
 class HetznerApi:
     """Deadline-aware calls for one provider run. Holds the token only in memory, never in state."""
 
@@ -87,19 +123,35 @@ class HetznerApi:
     ) -> None:
         kwargs: dict[str, Any] = {"api_endpoint": endpoint} if endpoint else {}
         self._client = Client(
-            token=token, application_name="nix-dabei", poll_interval=poll_interval, timeout=30, **kwargs
+            token=token, application_name="nix-dabei", poll_interval=poll_interval, timeout=REQUEST_SECONDS, **kwargs
         )
+        # hcloud-python 2.27 has no public setting for either (its `ClientBase`, pinned in pyproject.toml):
+        # no retries of its own, and our session that bounds each request by the deadline.
+        base = self._client._client
+        if not hasattr(base, "_retry_max_retries") or not isinstance(getattr(base, "_session", None), requests.Session):
+            raise RuntimeError("the hcloud library changed: adapt HetznerApi to bound its calls by the deadline")
+        base._retry_max_retries = 0
+        self._session = _DeadlineSession()
+        base._session = self._session
         self._poll_interval = poll_interval
         self._log = log or _no_log
 
     def _call(self, what: str, fn: Callable[[], T], deadline: float, *, repeatable: bool = True) -> T:
         delay = self._poll_interval
+        self._session.deadline = deadline
+        error = ""
         while True:
             try:
                 return fn()
             except APIException as exc:
                 code, error = exc.code, f"{exc.code}: {exc.message}"
+                if code == "rate_limit_exceeded" or code == 429:
+                    error += _rate_limit_note(self._session.last)
             except requests.RequestException as exc:
+                if time.monotonic() >= deadline:
+                    # The deadline cut the request short: name the answer before it, if there was one.
+                    last = f"{error} (still failing at the step's deadline)" if error else ""
+                    raise HetznerError(f"{what}: {last or 'no answer from the API before the step deadline'}") from None
                 code, error = "connection", f"no answer from the API ({type(exc).__name__})"
             retry = code in _NOT_PROCESSED or (repeatable and (code in _OUTCOME_UNKNOWN or code == "connection"))
             if not retry:
@@ -132,17 +184,6 @@ class HetznerApi:
                 raise HetznerError(f"server {server_id} is still locked by a running action at the step's deadline")
             self._log(f"server {server_id} is locked by a running action; waiting")
             time.sleep(self._poll_interval)
-
-    def ssh_key_id(self, name_or_id: str | int, deadline: float) -> int:
-        def lookup() -> SSHKey | None:
-            if isinstance(name_or_id, int) or str(name_or_id).isdigit():
-                return self._client.ssh_keys.get_by_id(int(name_or_id))
-            return self._client.ssh_keys.get_by_name(str(name_or_id))
-
-        key = self._call(f"find SSH key {name_or_id!r}", lookup, deadline)
-        if key is None or key.id is None:
-            raise HetznerError(f"SSH key {name_or_id!r} does not exist in this Hetzner project")
-        return key.id
 
     def _wait(self, what: str, action: BoundAction, deadline: float) -> None:
         while True:
@@ -211,8 +252,14 @@ class HetznerApi:
         )
         return any(a.id is not None and a.id > action_id and a.command in RESTART_COMMANDS for a in page.actions)
 
-    def catalog(self, deadline: float) -> tuple[set[str], set[str]]:
-        """The names of the server types and of the locations this project can use."""
+    def catalog(self, deadline: float) -> tuple[dict[str, set[str]], set[str]]:
+        """The server types this project can use, each with the names of the locations that offer it (the
+        per-location `locations` of a server type, Hetzner changelog 2025-09-24), and all location names."""
         types = self._call("list server types", self._client.server_types.get_all, deadline)
         locations = self._call("list locations", self._client.locations.get_all, deadline)
-        return {t.name for t in types if t.name}, {loc.name for loc in locations if loc.name}
+        offered = {
+            t.name: {loc.location.name for loc in t.locations or [] if loc.location and loc.location.name}
+            for t in types
+            if t.name
+        }
+        return offered, {loc.name for loc in locations if loc.name}

@@ -86,6 +86,43 @@ def parse_public_key(text: str, *, name: str = "public key") -> str:
     return f"{key_type} {data} {comment}" if comment else f"{key_type} {data}"
 
 
+@dataclass(frozen=True)
+class PublicKey:
+    """One OpenSSH public key: `line` is `type base64 [comment]`, `blob` is `type base64` (what identifies
+    the key, whatever the comment and spacing), `md5` is its fingerprint as Hetzner's API gives it
+    (`aa:bb:...`, the `fingerprint` field of an SSH key)."""
+
+    line: str
+    blob: str
+    md5: str
+
+
+def read_public_key(text: str) -> PublicKey | None:
+    """`text` as a public key when asyncssh parses it as one OpenSSH public key line, else None.
+
+    Raises ValueError when the text holds several lines of which one is a key (several keys pasted into
+    one entry), or a key of a type not in SUPPORTED_KEY_TYPES.
+    """
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    keys = []
+    for line in lines:
+        try:
+            keys.append(asyncssh.import_public_key(line))
+        except (asyncssh.KeyImportError, ValueError, TypeError):
+            continue
+    if not keys:
+        return None
+    if len(lines) > 1:
+        raise ValueError(f"holds {len(lines)} lines; give exactly one key per entry")
+    key = keys[0]
+    key_type = key.get_algorithm()
+    if key_type not in SUPPORTED_KEY_TYPES:
+        raise ValueError(f"unsupported key type {key_type!r}; expected one of {sorted(SUPPORTED_KEY_TYPES)}")
+    line = key.export_public_key("openssh").decode().strip()
+    blob = " ".join(line.split()[:2])
+    return PublicKey(line=line, blob=blob, md5=key.get_fingerprint("md5").removeprefix("MD5:"))
+
+
 def _type_and_data(public_key: str) -> str:
     key_type, data = parse_public_key(public_key).split()[:2]
     return f"{key_type} {data}"

@@ -1,36 +1,76 @@
-"""`pulumi up` without the Pulumi CLI: a minimal engine for the demo and the end-to-end tests.
+"""`pulumi preview`, `up`, `refresh` and `destroy` without the Pulumi CLI: a small engine for the demo and tests.
 
-The Pulumi program (the real components) runs under Pulumi's mock monitor. Each resource registration
-is carried out for real: dynamic resources go through the real provider server over gRPC (Check, then
-Create, or Diff and Update against the recorded state), hcloud resources go to a Hetzner Cloud API through
-the official `hcloud` library, standing in for pulumi-hcloud. The state is kept between runs, so a second
-`up` with changed inputs exercises the update paths exactly as the engine would.
+The Pulumi program (the real components) runs under Pulumi's mock monitor. Each resource registration is
+carried out the way the engine carries it out:
+
+- dynamic resources go to the real provider server over gRPC: Check (olds are the recorded inputs), then
+  Create, or Diff (olds are the recorded outputs) and Update; values not known yet travel as the engine
+  sends them (`rpc.UNKNOWN`, deserialized by the provider server as `pulumi.output.Unknown`);
+- pulumi-hcloud and pulumi-command resources have small stand-ins: hcloud servers and SSH keys through the
+  official `hcloud` library, remote commands over asyncssh with the given host key pinned.
+
+The modes follow the engine (`pkg/resource/deploy`, `sdk/go/common/resource/plugin/provider_plugin.go`):
+
+- preview: the program runs with `preview=True`; nothing is created. A resource created or updated in a
+  preview hands back its checked inputs as its outputs (dynamic providers do not preview), so an output
+  that is not an input is not known: that is what the program and every resource after it see.
+- up: previews first (unless `skip_preview`), then registers for real; resources of the old state that
+  the program no longer declares are deleted at the end, dependents first.
+- refresh: Read of every resource with its recorded outputs and inputs, then Diff of what was read
+  against the recorded inputs: what differs is shown, and recorded for the next preview.
+- destroy: Delete of every resource, dependents first.
+
+Every mode returns a `Plan`, printed the way a reviewer reads `pulumi preview --diff`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
+import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pulumi
-from hcloud import Client
+from hcloud import APIException, Client
 from hcloud.images import Image as HImage
 from hcloud.locations import Location
+from hcloud.networks import Network
+from hcloud.placement_groups import PlacementGroup
+from hcloud.primary_ips import PrimaryIP
 from hcloud.server_types import ServerType
+from hcloud.servers import ServerCreatePublicNetwork
 from hcloud.ssh_keys import SSHKey
+from pulumi.output import Unknown
 from pulumi.runtime import mocks as pulumi_mocks
 from pulumi.runtime import rpc
 
-from .provider_server import ProviderServer
+from .provider_server import PROVIDER_KEY, ProviderServer
 
 DYNAMIC = "pulumi-python:dynamic:Resource"
 HCLOUD_SERVER = "hcloud:index/server:Server"
 HCLOUD_SSH_KEY = "hcloud:index/sshKey:SshKey"
 HCLOUD_GET_SSH_KEY = "hcloud:index/getSshKey:getSshKey"
+COMMAND = "command:remote:Command"
+
+# Server inputs whose change makes pulumi-hcloud replace the server (ForceNew in terraform-provider-hcloud's
+# `hcloud_server`); the other inputs it changes in place (`server_type` by a resize).
+SERVER_REPLACE_ON = ("location",)
+# Inputs pulumi-hcloud changes on an existing server that this stand-in only sets at creation: a change is
+# refused rather than silently not applied.
+SERVER_CREATE_ONLY = ("networks", "placementGroupId", "publicNets")
+HCLOUD_GET_SERVER = "hcloud:index/getServer:getServer"
+# Outputs of an hcloud server that only the API knows (not known in a preview of its creation).
+SERVER_COMPUTED = ("ipv4Address", "ipv6Address", "ipv6Network", "status")
+
+HCLOUD_GET_SSH_KEYS = "hcloud:index/getSshKeys:getSshKeys"
+
+SYMBOLS = {"create": "+", "update": "~", "replace": "+-", "delete": "-", "same": " "}
 
 
 class UpFailed(RuntimeError):
@@ -46,11 +86,135 @@ def _unwrap_secrets(value: Any) -> Any:
     return value
 
 
+def _known(value: Any) -> bool:
+    return not rpc.contains_unknowns(value)
+
+
+def diff_paths(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Property paths at which `new` differs from `old`, as `pulumi preview --diff` names them
+    (`hosts.web-1.flake`, `sshKeys[0]`); a value not known yet differs."""
+    if isinstance(new, Unknown):
+        return [prefix or "(all)"]
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        paths: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            if key == PROVIDER_KEY and not prefix:
+                continue
+            sub = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old or key not in new:
+                paths.append(sub)
+            else:
+                paths += diff_paths(old[key], new[key], sub)
+        return paths
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [p for i, (o, n) in enumerate(zip(old, new, strict=True)) for p in diff_paths(o, n, f"{prefix}[{i}]")]
+    if old != new:
+        return [prefix or "(all)"]
+    return []
+
+
+def _drift_paths(value: Any, prefix: str = "") -> list[str]:
+    """Where a provider recorded drift (a truthy `drift`): what makes a diff with unchanged inputs act."""
+    if isinstance(value, Mapping):
+        found = [f"{prefix}.drift".lstrip(".")] if value.get("drift") else []
+        for key, sub in value.items():
+            if key != "drift":
+                found += _drift_paths(sub, f"{prefix}.{key}" if prefix else str(key))
+        return found
+    return []
+
+
 @dataclass
 class Recorded:
+    """One resource of the state: what the engine records after each operation."""
+
     id: str
     inputs: dict[str, Any]
     outputs: dict[str, Any]
+    type: str = ""
+    name: str = ""
+    parent: str | None = None  # key of the parent resource
+    dependencies: list[str] = field(default_factory=list)  # keys of the resources it depends on
+    custom: bool = True
+    # Outputs the engine stores encrypted: `additional_secret_outputs`, outputs named like a secret input
+    # (the engine keeps the secret bit for providers that do not accept secrets), and `__provider`.
+    secret_outputs: list[str] = field(default_factory=list)
+
+    def plain_outputs(self) -> dict[str, Any]:
+        """The outputs as the state stores them in plain text."""
+        return {k: v for k, v in self.outputs.items() if k not in self.secret_outputs and k != PROVIDER_KEY}
+
+
+@dataclass
+class Change:
+    """One line of a plan: the operation on a resource and the property paths that made it."""
+
+    op: str  # create, update, replace, delete, same
+    key: str
+    paths: tuple[str, ...] = ()
+    # The checked inputs the step goes ahead with (what `pulumi preview --diff` prints the changed values of).
+    inputs: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def type(self) -> str:
+        return self.key.split("::", 1)[0]
+
+    @property
+    def name(self) -> str:
+        return self.key.split("::", 1)[1]
+
+    def __str__(self) -> str:
+        text = f"{SYMBOLS[self.op]} {self.type} {self.name}"
+        return text + (f"  [{', '.join(self.paths)}]" if self.paths else "")
+
+
+class Plan(list[Change]):
+    """The steps of one run, in the order the resources were registered."""
+
+    def changes(self) -> dict[str, tuple[str, tuple[str, ...]]]:
+        """Every resource that is not unchanged: `{name: (op, paths)}` (names are unique in a stack)."""
+        return {c.name: (c.op, c.paths) for c in self if c.op != "same"}
+
+    def summary(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for c in self:
+            counts[c.op] = counts.get(c.op, 0) + 1
+        return counts
+
+    def render(self) -> str:
+        lines = [str(c) for c in self if c.op != "same"]
+        counts = self.summary()
+        words = {"create": "to create", "update": "to update", "replace": "to replace", "delete": "to delete"}
+        parts = [f"{counts[op]} {word}" for op, word in words.items() if counts.get(op)]
+        parts.append(f"{counts.get('same', 0)} unchanged")
+        return "\n".join([*lines, "Resources: " + ", ".join(parts)])
+
+
+def _key_of_urn(urn: str) -> str:
+    """`urn:pulumi:stack::project::parent$type::name` -> `type::name`."""
+    *_, qualified_type, name = urn.split("::")
+    return f"{qualified_type.split('$')[-1]}::{name}"
+
+
+class _Monitor(pulumi_mocks.MockMonitor):
+    """The mock monitor, also telling the engine what `MockResourceArgs` leaves out: parent, dependencies
+    and `ignore_changes` of each registration."""
+
+    def __init__(self, engine: LocalEngine, run: int) -> None:
+        super().__init__(engine)
+        self._engine = engine
+        self._run = run
+
+    def RegisterResource(self, request: Any) -> Any:
+        top_level = not request.parent or "pulumi:pulumi:Stack" in request.parent
+        self._engine._options.value = {
+            "parent": None if top_level else _key_of_urn(request.parent),
+            "dependencies": sorted({_key_of_urn(u) for u in request.dependencies}),
+            "ignore_changes": list(request.ignoreChanges),
+            "secret_outputs": list(request.additionalSecretOutputs),
+            "run": self._run,
+        }
+        return super().RegisterResource(request)
 
 
 @dataclass
@@ -58,7 +222,7 @@ class LocalEngine(pulumi_mocks.Mocks):
     server: ProviderServer
     hcloud: Client
     state: dict[str, Recorded] = field(default_factory=dict)
-    # What happened to each resource in the last run: created, updated, same.
+    # What happened to each resource in the last run: created, updated, replaced, deleted, same.
     operations: dict[str, str] = field(default_factory=dict)
     # Called with (key, record, operation) after each resource is created or updated, before anything
     # that depends on it runs: tests inject faults at exact points of the flow through these.
@@ -66,116 +230,454 @@ class LocalEngine(pulumi_mocks.Mocks):
     errors: list[str] = field(default_factory=list)
     # Resource operations at once, like `pulumi up --parallel` (whose default is unbounded).
     parallel: int = 256
+    project: str = "nix-dabei"
+    stack: str = "local"
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._inflight = 0  # registrations being carried out
+        self._run_id = 0
+        self._options = threading.local()
+        self._preview = False
+        self._plan = Plan()
+        self._registered: set[str] = set()
+        self._working: dict[str, Recorded] = {}
+        self.last_preview = Plan()  # the preview `up` ran first
+        self.last_plan = Plan()  # what the last `up` did
 
-    # -- Mocks protocol --------------------------------------------------------------------------------
+    # -- state on disk -----------------------------------------------------------------------------
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps({k: asdict(r) for k, r in self.state.items()}, indent=1, sort_keys=True))
+
+    @staticmethod
+    def load_state(path: Path) -> dict[str, Recorded]:
+        """A state written by `save`, or by an earlier release (`{key: {id, inputs, outputs}}`)."""
+        raw = json.loads(path.read_text())
+        state = {}
+        for key, rec in raw.items():
+            typ, name = key.split("::", 1)
+            rec.setdefault("type", typ)
+            rec.setdefault("name", name)
+            rec.setdefault("custom", typ in (DYNAMIC, HCLOUD_SERVER, HCLOUD_SSH_KEY, COMMAND))
+            state[key] = Recorded(**rec)
+        return state
+
+    # -- Mocks protocol ----------------------------------------------------------------------------
 
     def new_resource(self, args: pulumi_mocks.MockResourceArgs) -> tuple[str | None, dict[str, Any]]:
         key = f"{args.typ}::{args.name}"
+        options = getattr(self._options, "value", None) or {}
+        with self._lock:
+            if options.get("run") != self._run_id:
+                # A registration of an earlier program that failed while it was still running.
+                raise UpFailed(f"{args.name}: registration of an earlier run, not carried out")
+            self._registered.add(key)
+            self._inflight += 1
+        try:
+            return self._register(key, args, options)
+        finally:
+            with self._lock:
+                self._inflight -= 1
+                self._idle.notify_all()
+
+    def _register(
+        self, key: str, args: pulumi_mocks.MockResourceArgs, options: Mapping[str, Any]
+    ) -> tuple[str | None, dict[str, Any]]:
+        old = self._working.get(key)
+        inputs = dict(args.inputs)
+        if old is not None:
+            # The engine applies `ignore_changes` before Check: ignored paths keep their recorded value.
+            for prop in options.get("ignore_changes", []):
+                if prop in old.inputs:
+                    inputs[prop] = old.inputs[prop]
+                else:
+                    inputs.pop(prop, None)
+        secret = {*options.get("secret_outputs", []), *(k for k, v in inputs.items() if rpc.is_rpc_secret(v))}
+        rec = Recorded("", inputs, {}, args.typ, args.name, options.get("parent"), options.get("dependencies", []))
+        rec.secret_outputs = sorted(secret)
         try:
             if args.typ == DYNAMIC:
-                # The engine strips secret wrappers for providers that do not accept secrets.
-                return self._dynamic(key, _unwrap_secrets(args.inputs))
-            if args.typ == HCLOUD_SERVER:
-                return self._server(key, args.inputs)
-            if args.typ == HCLOUD_SSH_KEY:
-                return self._ssh_key(key, args.inputs)
-            return f"{args.name}-id", dict(args.inputs)  # components
+                op, rec = self._dynamic(key, rec, old)
+            elif args.typ == HCLOUD_SERVER:
+                op, rec = self._server(key, rec, old)
+            elif args.typ == HCLOUD_SSH_KEY:
+                op, rec = self._ssh_key(key, rec, old)
+            elif args.typ == COMMAND:
+                op, rec = self._command(key, rec, old)
+            else:  # a component: the engine only records it
+                rec.custom = False
+                rec.id = old.id if old else f"{args.name}-id"
+                op, paths = ("same" if old else "create"), ()
+                self._step(key, rec, op, paths)
+                return rec.id, {}
         except Exception as exc:
             self.errors.append(f"{args.name}: {exc}")
             raise
+        return rec.id or None, rec.outputs
 
     def call(self, args: pulumi_mocks.MockCallArgs) -> tuple[dict[str, Any], list[tuple[str, str]] | None]:
+        """The invokes of pulumi-hcloud the component makes, answered as pulumi-hcloud answers them."""
+        if args.token == HCLOUD_GET_SSH_KEYS:
+            keys = self.hcloud.ssh_keys.get_all(label_selector=args.args.get("withSelector") or None)
+            found = [self._ssh_key_outputs(k) for k in sorted(keys, key=lambda k: k.id or 0)]
+            ident = ",".join(str(k["id"]) for k in found) or "none"
+            return {"id": ident, "sshKeys": found, "withSelector": args.args.get("withSelector")}, []
         if args.token == HCLOUD_GET_SSH_KEY:
-            key = self.hcloud.ssh_keys.get_by_name(args.args["name"])
-            if key is None:
-                raise UpFailed(f"SSH key {args.args['name']!r} does not exist")
-            return {"id": key.id, "name": key.name, "publicKey": key.public_key, "fingerprint": key.fingerprint}, []
+            wanted = {k: args.args[k] for k in ("id", "name", "fingerprint") if args.args.get(k) is not None}
+            selector = args.args.get("withSelector") or args.args.get("selector")
+            matches = [
+                k
+                for k in self.hcloud.ssh_keys.get_all(label_selector=selector or None)
+                if all(str(self._ssh_key_outputs(k)[field]) == str(value) for field, value in wanted.items())
+            ]
+            if len(matches) != 1:
+                count = "no" if not matches else "more than one"
+                raise UpFailed(f"getSshKey: {count} SSH key found for {wanted or selector!r}")
+            return {**self._ssh_key_outputs(matches[0]), "selector": selector, "withSelector": selector}, []
+        if args.token == HCLOUD_GET_SERVER:
+            server = self.hcloud.servers.get_by_id(int(args.args["id"]))
+            return {**self._server_outputs(server, {}), "id": server.id, "name": server.name}, []
         raise UpFailed(f"unsupported invoke {args.token}")
 
-    # -- resources -------------------------------------------------------------------------------------
+    @staticmethod
+    def _ssh_key_outputs(key: SSHKey) -> dict[str, Any]:
+        """An SSH key's properties as pulumi-hcloud names them (SshKey outputs, getSshKey(s) results)."""
+        return {
+            "id": key.id,
+            "name": key.name,
+            "publicKey": key.public_key,
+            "fingerprint": key.fingerprint,
+            "labels": key.labels or {},
+        }
 
-    def _dynamic(self, key: str, inputs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        urn = f"urn:pulumi:local::nix-dabei::{key}"
-        old = self.state.get(key)
-        checked = self.server.check(urn, old.inputs if old else {}, inputs)
+    # -- recording ---------------------------------------------------------------------------------
+
+    def _step(self, key: str, rec: Recorded, op: str, paths: tuple[str, ...] | list[str]) -> None:
+        with self._lock:
+            self._plan.append(Change(op, key, tuple(paths), rec.inputs))
+            if not self._preview:
+                self._working[key] = rec
+                self.state[key] = rec
+                self.operations[key] = {"create": "created", "update": "updated", "replace": "replaced"}.get(op, op)
+        if op != "same" and not self._preview:
+            for listener in self.listeners:
+                listener(key, rec, self.operations[key])
+
+    # -- dynamic resources (the real provider server) ----------------------------------------------
+
+    def _urn(self, key: str) -> str:
+        return f"urn:pulumi:{self.stack}::{self.project}::{key}"
+
+    def _dynamic(self, key: str, rec: Recorded, old: Recorded | None) -> tuple[str, Recorded]:
+        # The engine strips secret wrappers for providers that do not accept secrets.
+        news = _unwrap_secrets(rec.inputs)
+        urn = self._urn(key)
+        checked = self.server.check(urn, old.inputs if old else {}, news)
         if checked.failures:
             raise UpFailed("; ".join(f"{p}: {r}" for p, r in checked.failures))
+        rec.inputs = checked.inputs
+        paths: tuple[str, ...] = ()
         if old is None:
-            id_, outs = self.server.create(urn, checked.inputs)
-            self._record(key, Recorded(id_, checked.inputs, outs), "created")
-            return id_, outs
-        if not self.server.diff(urn, old.id, old.outputs, checked.inputs):
-            self._record(key, Recorded(old.id, checked.inputs, old.outputs), "same")
-            return old.id, old.outputs
-        outs = self.server.update(urn, old.id, old.outputs, checked.inputs)
-        self._record(key, Recorded(old.id, checked.inputs, outs), "updated")
-        return old.id, outs
-
-    def _server(self, key: str, inputs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        old = self.state.get(key)
-        if old is None:
-            keys = [SSHKey(name=k) if not str(k).isdigit() else SSHKey(id=int(k)) for k in inputs.get("sshKeys", [])]
-            resp = self.hcloud.servers.create(
-                name=inputs["name"],
-                server_type=ServerType(name=inputs["serverType"]),
-                image=HImage(name=inputs["image"]),
-                location=Location(name=inputs["location"]),
-                labels=inputs.get("labels") or {},
-                ssh_keys=keys,
-            )
-            # pulumi-hcloud returns once the server runs: after the create action and the power-on after it.
-            for action in [resp.action, *(resp.next_actions or [])]:
-                action.wait_until_finished()
-            server = self.hcloud.servers.get_by_id(int(str(resp.server.id)))
-            op = "created"
+            op = "create"
         else:
+            diffed = self.server.diff(urn, old.id, old.outputs, checked.inputs)
+            if not diffed.changes:
+                rec.id, rec.outputs = old.id, old.outputs
+                self._step(key, rec, "same", ())
+                return "same", rec
+            op = "replace" if diffed.replaces else "update"
+            paths = tuple(diff_paths(old.inputs, checked.inputs) or _drift_paths(old.outputs))
+        if self._preview:
+            # Providers that do not preview hand back their inputs as outputs (provider_plugin.go).
+            rec.id, rec.outputs = (old.id if old else ""), checked.inputs
+        elif old is None or op == "replace":
+            rec.id, rec.outputs = self.server.create(urn, checked.inputs)
+        else:
+            rec.id, rec.outputs = old.id, self.server.update(urn, old.id, old.outputs, checked.inputs)
+        self._step(key, rec, op, paths)
+        return op, rec
+
+    # -- pulumi-hcloud stand-ins -------------------------------------------------------------------
+
+    def _server(self, key: str, rec: Recorded, old: Recorded | None) -> tuple[str, Recorded]:
+        inputs = rec.inputs
+        paths: tuple[str, ...] = ()
+        op = "create"
+        if old is not None:
+            paths = tuple(diff_paths(old.inputs, inputs))
+            replace = any(p.split(".")[0].split("[")[0] in SERVER_REPLACE_ON for p in paths)
+            op = "same" if not paths else "replace" if replace else "update"
+        if self._preview:
+            if op == "same":
+                assert old is not None
+                rec.id, rec.outputs = old.id, old.outputs
+            elif op == "update":
+                assert old is not None
+                rec.id, rec.outputs = old.id, {**old.outputs, **inputs}
+            else:
+                rec.id = old.id if old else ""
+                rec.outputs = {**inputs, **{k: pulumi.output.UNKNOWN for k in SERVER_COMPUTED}}
+            self._step(key, rec, op, paths)
+            return op, rec
+        unsupported = sorted({p.split(".")[0].split("[")[0] for p in paths} & set(SERVER_CREATE_ONLY))
+        if op == "update" and unsupported:
+            raise UpFailed(f"{key}: the local engine's pulumi-hcloud stand-in sets {unsupported} only at creation")
+        if op in ("create", "replace"):
+            server = self._create_server(inputs)
+        else:
+            assert old is not None
             server = self.hcloud.servers.get_by_id(int(old.id))
             labels = inputs.get("labels") or {}
-            op = "same"
             if labels != server.labels:
-                server = server.update(labels=labels)
-                server = self.hcloud.servers.get_by_id(int(old.id))
-                op = "updated"
+                server.update(labels=labels)
+            self._server_settings(server, inputs)
+            if server.server_type is not None and inputs.get("serverType") != server.server_type.name:
+                self._resize(server, inputs["serverType"], upgrade_disk=not inputs.get("keepDisk"))
+            server = self.hcloud.servers.get_by_id(int(old.id))
+        rec.id, rec.outputs = str(server.id), self._server_outputs(server, inputs)
+        self._step(key, rec, op, paths)
+        if op == "replace" and old is not None:
+            self._delete_server(old)
+        return op, rec
+
+    def _resize(self, server: Any, server_type: str, *, upgrade_disk: bool) -> None:
+        """What terraform-provider-hcloud does for a new `server_type`: power off, change the type (the
+        disk upgraded unless `keep_disk`), and power on again if the change left the server off."""
+        if server.status != "off":
+            self.hcloud.servers.power_off(server).wait_until_finished()
+        self.hcloud.servers.change_type(
+            server, ServerType(name=server_type), upgrade_disk=upgrade_disk
+        ).wait_until_finished()
+        if self.hcloud.servers.get_by_id(server.id).status == "off":
+            self.hcloud.servers.power_on(server).wait_until_finished()
+
+    def _find_ssh_key_for_server(self, id_or_name: str) -> SSHKey:
+        # As pulumi-hcloud finds a server's `sshKeys` (hcloud-go's Get): by ID when the text is a number,
+        # then by name.
+        found: SSHKey | None = None
+        if id_or_name.isdigit():
+            found = self._find_ssh_key(int(id_or_name))
+        found = found or self.hcloud.ssh_keys.get_by_name(id_or_name)
+        if found is None:
+            raise UpFailed(f"SSH key {id_or_name!r} not found")
+        return found
+
+    def _create_server(self, inputs: Mapping[str, Any]) -> Any:
+        """As terraform-provider-hcloud's `hcloud_server` create: the server (with its public networking and
+        placement group) powered off when networks are to be attached, each network attached with its IP
+        and alias IPs, then powered on; protection and backups set by their actions."""
+        keys = [self._find_ssh_key_for_server(str(k)) for k in inputs.get("sshKeys", [])]
+        public = (inputs.get("publicNets") or [{}])[0]
+        networks = inputs.get("networks") or []
+        group = inputs.get("placementGroupId")
+        resp = self.hcloud.servers.create(
+            name=inputs["name"],
+            server_type=ServerType(name=inputs["serverType"]),
+            image=HImage(name=inputs["image"]),
+            location=Location(name=inputs["location"]),
+            labels=inputs.get("labels") or {},
+            ssh_keys=keys,
+            public_net=ServerCreatePublicNetwork(
+                ipv4=PrimaryIP(id=int(public["ipv4"])) if public.get("ipv4") else None,
+                ipv6=PrimaryIP(id=int(public["ipv6"])) if public.get("ipv6") else None,
+                enable_ipv4=public.get("ipv4Enabled", True) is not False,
+                enable_ipv6=public.get("ipv6Enabled", True) is not False,
+            ),
+            placement_group=PlacementGroup(id=int(group)) if group else None,
+            start_after_create=not networks,
+        )
+        for action in [resp.action, *(resp.next_actions or [])]:
+            action.wait_until_finished()
+        server = self.hcloud.servers.get_by_id(int(str(resp.server.id)))
+        for net in networks:
+            network = Network(id=int(net["networkId"]))
+            server.attach_to_network(network, ip=net.get("ip"), alias_ips=net.get("aliasIps")).wait_until_finished()
+        if networks:
+            server.power_on().wait_until_finished()
+        self._server_settings(server, inputs)
+        # pulumi-hcloud returns once the server runs.
+        return self.hcloud.servers.get_by_id(int(str(server.id)))
+
+    @staticmethod
+    def _server_settings(server: Any, inputs: Mapping[str, Any]) -> None:
+        """Protection and backups as the inputs say (pulumi-hcloud's `deleteProtection`,
+        `rebuildProtection`, `backups`), changed only when they differ."""
+        protection = server.protection or {}
+        wanted = {"delete": bool(inputs.get("deleteProtection")), "rebuild": bool(inputs.get("rebuildProtection"))}
+        if wanted != {k: bool(protection.get(k)) for k in wanted}:
+            server.change_protection(**wanted).wait_until_finished()
+        if bool(inputs.get("backups")) != bool(server.backup_window):
+            (server.enable_backup() if inputs.get("backups") else server.disable_backup()).wait_until_finished()
+
+    @staticmethod
+    def _server_outputs(server: Any, inputs: Mapping[str, Any]) -> dict[str, Any]:
         net = server.public_net
-        if net is None or net.ipv4 is None or net.ipv6 is None:
-            raise UpFailed(f"server {inputs['name']!r} has no public IPv4 and IPv6 address")
-        outs = {
+        # pulumi-hcloud's outputs: `ipv6Address` is the network's first host (`<network>::1`), `ipv6Network`
+        # the /64 the API reports; an address that is off is "".
+        network = ipaddress.IPv6Network(net.ipv6.ip) if net and net.ipv6 else None
+        group = server.placement_group
+        return {
             **inputs,
-            "ipv4Address": net.ipv4.ip,
-            "ipv6Address": net.ipv6.ip,
+            "labels": server.labels or {},
+            "firewallIds": [int(f) for f in inputs.get("firewallIds") or []],
+            "serverType": server.server_type.name,
+            "location": server.location.name if server.location else inputs.get("location"),
+            "ipv4Address": net.ipv4.ip if net and net.ipv4 else "",
+            "ipv6Address": str(network[1]) if network else "",
+            "ipv6Network": str(network) if network else "",
+            "placementGroupId": group.id if group else None,
+            "networks": [
+                {
+                    "networkId": p.network.id,
+                    "ip": p.ip,
+                    "aliasIps": list(p.alias_ips or []),
+                    "macAddress": p.mac_address,
+                }
+                for p in server.private_net or []
+            ],
+            "primaryDiskSize": server.primary_disk_size,
             "status": server.status,
+            "backups": bool(server.backup_window),
+            "deleteProtection": bool(server.protection and server.protection.get("delete")),
+            "rebuildProtection": bool(server.protection and server.protection.get("rebuild")),
         }
-        self._record(key, Recorded(str(server.id), inputs, outs), op)
-        return str(server.id), outs
 
-    def _ssh_key(self, key: str, inputs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        old = self.state.get(key)
-        if old is not None and old.inputs.get("publicKey") == inputs.get("publicKey"):
-            self._record(key, old, "same")
-            return old.id, old.outputs
-        name = inputs.get("name") or key.rsplit("::", 1)[-1]
-        created = self.hcloud.ssh_keys.create(name=name, public_key=inputs["publicKey"])
-        outs = {**inputs, "name": created.name, "fingerprint": created.fingerprint}
-        self._record(key, Recorded(str(created.id), inputs, outs), "created")
-        return str(created.id), outs
+    def _delete_server(self, rec: Recorded) -> None:
+        server = self.hcloud.servers.get_by_id(int(rec.id))
+        server.delete().wait_until_finished()
 
-    def _record(self, key: str, rec: Recorded, op: str) -> None:
+    def _ssh_key(self, key: str, rec: Recorded, old: Recorded | None) -> tuple[str, Recorded]:
+        inputs = rec.inputs
+        paths: tuple[str, ...] = ()
+        if old is None:
+            op = "create"
+        else:
+            paths = tuple(diff_paths(old.inputs, inputs))
+            # `public_key` is ForceNew in terraform-provider-hcloud: a new (or not yet known) key replaces it.
+            op = "same" if not paths else "replace" if "publicKey" in paths else "update"
+        if op == "same":
+            assert old is not None
+            rec.id, rec.outputs = old.id, old.outputs
+        elif self._preview:
+            rec.id = old.id if old else ""
+            rec.outputs = {**inputs, "name": inputs.get("name", pulumi.output.UNKNOWN)}
+            if op != "update":
+                rec.outputs["fingerprint"] = pulumi.output.UNKNOWN
+        elif op == "update":
+            assert old is not None
+            rec.id, rec.outputs = old.id, {**old.outputs, **inputs}
+        else:
+            name = inputs.get("name") or key.rsplit("::", 1)[-1]
+            created = self.hcloud.ssh_keys.create(
+                name=name, public_key=inputs["publicKey"], labels=inputs.get("labels")
+            )
+            outs = {**inputs, **self._ssh_key_outputs(created)}
+            del outs["id"]
+            rec.id, rec.outputs = str(created.id), outs
+        self._step(key, rec, op, paths)
+        if op == "replace" and old is not None and not self._preview:
+            self._delete_ssh_key(old)
+        return op, rec
+
+    def _delete_ssh_key(self, rec: Recorded) -> None:
+        found = self._find_ssh_key(int(rec.id))
+        if found is not None:
+            self.hcloud.ssh_keys.delete(found)
+
+    def _find_ssh_key(self, key_id: int) -> Any:
+        try:
+            return self.hcloud.ssh_keys.get_by_id(key_id)
+        except APIException as exc:
+            if exc.code == "not_found":
+                return None
+            raise
+
+    # -- pulumi-command stand-in -------------------------------------------------------------------
+
+    def _command(self, key: str, rec: Recorded, old: Recorded | None) -> tuple[str, Recorded]:
+        """`command.remote.Command`: runs `create` (on a change, `update` or else `create` again) over SSH,
+        checking the host key it is given, as pulumi-command does."""
+        inputs = _unwrap_secrets(rec.inputs)
+        paths = () if old is None else tuple(diff_paths(_unwrap_secrets(old.inputs), inputs))
+        op = "create" if old is None else "update" if paths else "same"
+        if op == "same":
+            assert old is not None
+            rec.id, rec.outputs = old.id, old.outputs
+        elif self._preview:
+            rec.id = old.id if old else ""
+            rec.outputs = {**rec.inputs, "stdout": pulumi.output.UNKNOWN, "stderr": pulumi.output.UNKNOWN}
+        else:
+            script = inputs.get("update") if op == "update" and inputs.get("update") else inputs["create"]
+            stdout, stderr = asyncio.run(_remote(inputs["connection"], script))
+            rec.id = old.id if old else f"{rec.name}-{abs(hash(script)) % 10**8}"
+            rec.outputs = {**rec.inputs, "stdout": stdout, "stderr": stderr}
+        self._step(key, rec, op, paths)
+        return op, rec
+
+    # -- deletes -----------------------------------------------------------------------------------
+
+    def _delete(self, key: str, rec: Recorded) -> None:
+        if rec.type == DYNAMIC:
+            self.server.delete(self._urn(key), rec.id, rec.outputs)
+        elif rec.type == HCLOUD_SERVER:
+            if self.hcloud.servers.get_by_id(int(rec.id)) is not None:
+                self._delete_server(rec)
+        elif rec.type == HCLOUD_SSH_KEY:
+            self._delete_ssh_key(rec)
+        elif rec.type == COMMAND:
+            inputs = _unwrap_secrets(rec.inputs)
+            if inputs.get("delete"):
+                asyncio.run(_remote(inputs["connection"], inputs["delete"]))
+
+    def _deletion_order(self, keys: set[str]) -> list[str]:
+        """Dependents first: a resource goes before its dependencies and its parent. States recorded by
+        earlier releases carry no dependencies: their order falls back to the resource kinds."""
+        kind_rank = {COMMAND: 0, DYNAMIC: 1, HCLOUD_SERVER: 2, HCLOUD_SSH_KEY: 3}
+        needed_by: dict[str, set[str]] = {k: set() for k in keys}
+        for k in keys:
+            rec = self.state[k]
+            for dep in [*rec.dependencies, *([rec.parent] if rec.parent else [])]:
+                if dep in needed_by:
+                    needed_by[dep].add(k)
+        order: list[str] = []
+        remaining = set(keys)
+        while remaining:
+            ready = [k for k in remaining if not (needed_by[k] & remaining)] or list(remaining)
+            ready.sort(key=lambda k: (kind_rank.get(self.state[k].type, 9), k))
+            # Within one round, the step resources in reverse flow order (first boot before install).
+            order.append(ready[0])
+            remaining.discard(ready[0])
+        return order
+
+    def _delete_all(self, keys: set[str]) -> None:
+        for key in self._deletion_order(keys):
+            rec = self.state[key]
+            self._plan.append(Change("delete", key))
+            if self._preview:
+                continue
+            self._delete(key, rec)
+            with self._lock:
+                del self.state[key]
+                self.operations[key] = "deleted"
+
+    # -- running a program -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _run(self, preview: bool) -> Iterator[None]:
         with self._lock:
-            self.state[key] = rec
-            self.operations[key] = op
-        if op != "same":
-            for listener in self.listeners:
-                listener(key, rec, op)
-
-    # -- running a program -----------------------------------------------------------------------------
-
-    def up(self, program: Callable[[], Any], *, project: str = "nix-dabei", stack: str = "local") -> Any:
-        """Run `program` (declares resources, returns outputs) to completion; returns its resolved outputs."""
-        self.operations = {}
+            self._run_id += 1
+        self._preview = preview
+        self._plan = Plan()
+        self._registered = set()
+        self._working = dict(self.state)
         self.errors = []
+        if not preview:
+            self.operations = {}
+        yield
+
+    def _program(self, program: Callable[[], Any], preview: bool) -> Any:
         loop = asyncio.new_event_loop()
         # Resource registrations block a thread each until the resource is done. The Python language host
         # sizes this pool by `pulumi up --parallel` (default unbounded); asyncio's default of cpu count + 4
@@ -183,7 +685,8 @@ class LocalEngine(pulumi_mocks.Mocks):
         executor = ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="register")
         loop.set_default_executor(executor)
         asyncio.set_event_loop(loop)
-        pulumi.runtime.set_mocks(self, project=project, stack=stack, preview=False)
+        monitor = _Monitor(self, self._run_id)
+        pulumi.runtime.set_mocks(self, project=self.project, stack=self.stack, preview=preview, monitor=monitor)
         result: dict[str, Any] = {}
 
         @pulumi.runtime.test
@@ -198,6 +701,106 @@ class LocalEngine(pulumi_mocks.Mocks):
             raise UpFailed(detail) from None
         finally:
             executor.shutdown(wait=False)
+            # Like the engine, end a run only when no step is in flight any more (a failed registration
+            # makes the SDK return while others are still being carried out).
+            with self._lock:
+                self._idle.wait_for(lambda: self._inflight == 0)
         if self.errors:
             raise UpFailed("\n".join(self.errors))
         return result.get("value")
+
+    def preview(self, program: Callable[[], Any]) -> Plan:
+        """What `up` would do; nothing is created, changed or deleted."""
+        with self._run(preview=True):
+            self._program(program, preview=True)
+            self._delete_all(set(self.state) - self._registered)
+            return self._plan
+
+    def up(self, program: Callable[[], Any], *, skip_preview: bool = False) -> Any:
+        """Run `program` (declares resources, returns outputs) to completion; returns its resolved outputs.
+        `self.last_plan` holds what was done."""
+        if not skip_preview:
+            self.last_preview = self.preview(program)
+        with self._run(preview=False):
+            value = self._program(program, preview=False)
+            self._delete_all(set(self.state) - self._registered)
+            self.last_plan = self._plan
+        return value
+
+    def refresh(self) -> Plan:
+        """Read every resource; record what was read. A resource whose provider finds it differs from its
+        inputs (dynamic: Diff of the read state against the recorded inputs) is shown as `update`."""
+        with self._run(preview=False):
+            for key, rec in list(self.state.items()):
+                if not rec.custom:
+                    self._plan.append(Change("same", key))
+                    continue
+                read = self._read(key, rec)
+                if read is None:
+                    self._plan.append(Change("delete", key))
+                    del self.state[key]
+                    continue
+                paths = tuple(diff_paths(rec.outputs, read.outputs))
+                changed = bool(paths)
+                if rec.type == DYNAMIC:
+                    changed = bool(self.server.diff(self._urn(key), rec.id, read.outputs, read.inputs).changes)
+                self.state[key] = read
+                self._plan.append(Change("update" if changed else "same", key, paths if changed else ()))
+            return self._plan
+
+    def _read(self, key: str, rec: Recorded) -> Recorded | None:
+        if rec.type == DYNAMIC:
+            outputs, inputs = self.server.read(self._urn(key), rec.id, rec.outputs, rec.inputs)
+            return Recorded(**{**asdict(rec), "outputs": outputs, "inputs": inputs or rec.inputs})
+        if rec.type == HCLOUD_SERVER:
+            server = self.hcloud.servers.get_by_id(int(rec.id))
+            if server is None:
+                return None
+            return Recorded(**{**asdict(rec), "outputs": self._server_outputs(server, rec.inputs)})
+        if rec.type == HCLOUD_SSH_KEY:
+            return None if self._find_ssh_key(int(rec.id)) is None else rec
+        return rec
+
+    def destroy(self) -> Plan:
+        """Delete every resource of the state, dependents first."""
+        with self._run(preview=False):
+            self._delete_all(set(self.state))
+            return self._plan
+
+
+def generated_keys(state: Mapping[str, Recorded], fleet: str) -> dict[str, Any]:
+    """The keys a fleet's state holds, in one map: `deploy_public_key`, `deploy_private_key`,
+    `host_public_keys` and `host_private_keys` (`{host: key}`), from `<fleet>-keys` and each host's
+    `<fleet>-<host>-hostkey`. For tests and tools that inspect a stack; the values are secrets."""
+    keys = state[f"{DYNAMIC}::{fleet}-keys"].outputs
+    found = {
+        "deploy_public_key": keys["deploy_public_key"],
+        "deploy_private_key": keys["deploy_private_key"],
+        "host_public_keys": dict(keys.get("host_public_keys") or {}),
+        "host_private_keys": dict(keys.get("host_private_keys") or {}),
+    }
+    prefix, suffix = f"{DYNAMIC}::{fleet}-", "-hostkey"
+    for key, rec in state.items():
+        if key.startswith(prefix) and key.endswith(suffix):
+            host = rec.outputs["host"]
+            found["host_public_keys"][host] = rec.outputs["public_key"]
+            found["host_private_keys"][host] = rec.outputs["private_key"]
+    return found
+
+
+async def _remote(connection: Mapping[str, Any], script: str) -> tuple[str, str]:
+    """Run `script` as pulumi-command's remote Command does: as `user`, with the host key checked."""
+    from .ssh import connect, run
+
+    loop = asyncio.get_running_loop()
+    conn, _ = await connect(
+        connection["host"],
+        port=int(connection.get("port") or 22),
+        client_key=connection["privateKey"],
+        host_key=connection["hostKey"],
+        deadline=loop.time() + 60,
+        username=connection.get("user") or "root",
+    )
+    async with conn:
+        done = await run(conn, script, timeout=300)
+    return done.stdout, done.stderr

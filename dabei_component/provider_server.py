@@ -36,6 +36,12 @@ class Checked:
 
 
 @dataclass
+class Diffed:
+    changes: bool | None  # None: the provider could not tell (DIFF_UNKNOWN)
+    replaces: list[str]
+
+
+@dataclass
 class ProviderServer:
     """One provider server process. `log_path` collects what the providers print (their progress)."""
 
@@ -130,12 +136,16 @@ class ProviderServer:
         resp = self._call("Check", provider_pb2.CheckRequest(urn=urn, olds=self._struct(olds), news=self._struct(news)))
         return Checked(self._dict(resp.inputs, True), [(f.property, f.reason) for f in resp.failures])
 
-    def diff(self, urn: str, id_: str, olds: Mapping[str, Any], news: Mapping[str, Any]) -> bool:
+    def diff(self, urn: str, id_: str, olds: Mapping[str, Any], news: Mapping[str, Any]) -> Diffed:
         resp = self._call(
             "Diff",
             provider_pb2.DiffRequest(urn=urn, id=id_, olds=self._struct(olds), news=self._struct(news)),
         )
-        return resp.changes == provider_pb2.DiffResponse.DIFF_SOME
+        changes = {
+            provider_pb2.DiffResponse.DIFF_SOME: True,
+            provider_pb2.DiffResponse.DIFF_NONE: False,
+        }.get(resp.changes)
+        return Diffed(changes, list(resp.replaces))
 
     def create(self, urn: str, props: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         resp = self._call("Create", provider_pb2.CreateRequest(urn=urn, properties=self._struct(props)))
@@ -148,9 +158,17 @@ class ProviderServer:
         )
         return self._dict(resp.properties)
 
-    def read(self, urn: str, id_: str, props: Mapping[str, Any]) -> dict[str, Any]:
-        resp = self._call("Read", provider_pb2.ReadRequest(urn=urn, id=id_, properties=self._struct(props)))
-        return self._dict(resp.properties)
+    def read(
+        self, urn: str, id_: str, props: Mapping[str, Any], inputs: Mapping[str, Any] | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Refresh's Read: the recorded outputs (and inputs); returns the outputs read and, when the provider
+        gave them, new inputs."""
+        request = provider_pb2.ReadRequest(
+            urn=urn, id=id_, properties=self._struct(props), inputs=self._struct(inputs) if inputs else None
+        )
+        resp = self._call("Read", request)
+        new_inputs = self._dict(resp.inputs) if resp.HasField("inputs") else None
+        return self._dict(resp.properties), new_inputs
 
     def delete(self, urn: str, id_: str, props: Mapping[str, Any]) -> None:
         self._call("Delete", provider_pb2.DeleteRequest(urn=urn, id=id_, properties=self._struct(props)))

@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from .keys import parse_public_key, public_key_of
+from .keys import SUPPORTED_KEY_TYPES, PublicKey, parse_public_key, public_key_of, read_public_key
 
 Problem = tuple[str, str]
 
@@ -22,7 +22,7 @@ _LABEL_KEY = re.compile(r"^([a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?$")
 _DISK = re.compile(r"^/dev/(sd[a-z]+|vd[a-z]+|nvme\d+n\d+|disk/by-[a-z]+/[A-Za-z0-9._:-]+)$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-REINSTALL_POLICIES = ("on-image-change", "never")
+_REINSTALL_REQUEST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,62}$")
 
 
 def hostname(prop: str, value: Any) -> list[Problem]:
@@ -51,41 +51,84 @@ def flake_ref(prop: str, value: Any) -> list[Problem]:
     return []
 
 
+def ssh_key_entry(value: Any) -> PublicKey | str | int:
+    """What one `ssh_keys` entry is: a pasted public key (it parses as one), a Hetzner SSH key ID (an
+    integer), or else the name of a key in the Hetzner project (free text: `My ssh key`, `me@laptop`).
+
+    Raises ValueError with the reason (without the property) for an entry that is none of these.
+    """
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ValueError(f"expected a public key, a key name or a key ID, got {_kind(value)}")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"a Hetzner SSH key ID is a positive integer, got {value}")
+        return value
+    if not value.strip():
+        raise ValueError("expected a public key or a Hetzner SSH key name, got an empty string")
+    return read_public_key(value) or value
+
+
+def not_a_key_hint(name: str) -> str:
+    """Why a key name that starts like a public key does not parse as one ('' for other names)."""
+    if name.split(maxsplit=1)[0] not in SUPPORTED_KEY_TYPES:
+        return ""
+    try:
+        parse_public_key(name)
+    except ValueError as exc:
+        return f"; it is no public key either: {str(exc).removeprefix('public key: ')}"
+    return ""
+
+
 def ssh_keys(prop: str, value: Any) -> list[Problem]:
-    """Names of existing Hetzner SSH keys, or OpenSSH public key lines, one key per entry."""
+    """Pasted OpenSSH public keys, Hetzner SSH key names or IDs, one key per entry. Whether a name or ID
+    exists in the project is checked where the project is read (component.py)."""
     if not isinstance(value, list):
-        return [(prop, f"expected a list of SSH public keys or Hetzner SSH key names, got {type(value).__name__}")]
+        return [(prop, f"expected a list of SSH public keys or Hetzner SSH key names, got {_kind(value)}")]
     problems: list[Problem] = []
-    seen = set()
-    for i, key in enumerate(value):
+    seen: dict[str | int, int] = {}
+    for i, entry in enumerate(value):
         where = f"{prop}[{i}]"
-        if not isinstance(key, str) or not key.strip():
-            problems.append((where, "expected a non-empty public key or key name"))
+        try:
+            key = ssh_key_entry(entry)
+        except ValueError as exc:
+            problems.append((where, str(exc)))
             continue
-        if key in seen:
-            problems.append((where, f"duplicate key {key[:40]!r}"))
-        seen.add(key)
-        if " " in key.strip() or key.startswith(("ssh-", "ecdsa-", "sk-")):
-            try:
-                parse_public_key(key, name=where)
-            except ValueError as exc:
-                problems.append((where, str(exc)))
-        elif not _NAME.match(key):
-            problems.append((where, f"{key!r} is neither an OpenSSH public key nor a Hetzner SSH key name"))
+        ident = key.md5 if isinstance(key, PublicKey) else key
+        if ident in seen:
+            problems.append((where, f"the same key as {prop}[{seen[ident]}]"))
+        seen.setdefault(ident, i)
     return problems
 
 
 def labels(prop: str, value: Any) -> list[Problem]:
+    """Hetzner label syntax (Hetzner Cloud API reference, "Labels"; the value pattern is the `labels`
+    schema of the API specification): keys `[prefix/]name`, the prefix a DNS subdomain of up to 253
+    characters, the name and the value up to 63 letters, digits, '-', '_', '.' starting and ending with a
+    letter or digit; values may be empty; the `hetzner.cloud/` prefix is Hetzner's own."""
     if not isinstance(value, Mapping):
-        return [(prop, f"expected a map of label names to values, got {type(value).__name__}")]
+        return [(prop, f"expected a map of label names to values, got {_kind(value)}")]
     problems: list[Problem] = []
     for k, v in value.items():
         if not isinstance(k, str) or not _LABEL_KEY.match(k):
             problems.append(
-                (f"{prop}.{k}", "label keys are up to 63 letters, digits, '-', '_', '.' (optional prefix/)")
+                (
+                    f"{prop}.{k}",
+                    "label keys are [prefix/]name: the name up to 63 letters, digits, '-', '_', '.', starting "
+                    "and ending with a letter or digit; the prefix a DNS name",
+                )
             )
-        if not isinstance(v, str) or not _LABEL_VALUE.match(v):
-            problems.append((f"{prop}.{k}", f"label values are up to 63 letters, digits, '-', '_', '.'; got {v!r}"))
+        elif k.startswith("hetzner.cloud/"):
+            problems.append((f"{prop}.{k}", "the label prefix hetzner.cloud/ is reserved for Hetzner"))
+        if not isinstance(v, str):
+            problems.append((f"{prop}.{k}", f"label values are strings, got {_kind(v)}"))
+        elif not _LABEL_VALUE.match(v):
+            problems.append(
+                (
+                    f"{prop}.{k}",
+                    "label values are empty or up to 63 letters, digits, '-', '_', '.', starting and ending "
+                    f"with a letter or digit; got {v!r}",
+                )
+            )
     return problems
 
 
@@ -102,8 +145,26 @@ def positive_seconds(prop: str, value: Any) -> list[Problem]:
 
 
 def reinstall(prop: str, value: Any) -> list[Problem]:
-    if value not in REINSTALL_POLICIES:
-        return [(prop, f"expected one of {', '.join(REINSTALL_POLICIES)}, got {value!r}")]
+    """A reinstall request: None (none), or an ID such as a date; a new ID wipes and reinstalls the host."""
+    if value is None:
+        return []
+    if value == "on-image-change":
+        return [
+            (
+                prop,
+                "'on-image-change' is gone: a new image never rewrites an installed host's disk (it applies to "
+                "hosts installed from then on). Remove the key, or set it to a new request ID such as "
+                "'2026-12-01' to wipe and reinstall this one host",
+            )
+        ]
+    if not isinstance(value, str) or not _REINSTALL_REQUEST.match(value):
+        return [
+            (
+                prop,
+                f"expected a reinstall request ID (1-63 letters, digits, '.', '_', ':', '+', '-'), such as "
+                f"'2026-12-01', got {value!r}",
+            )
+        ]
     return []
 
 
@@ -166,6 +227,14 @@ def ipv4(prop: str, value: Any) -> list[Problem]:
         ipaddress.IPv4Address(value)
     except (ipaddress.AddressValueError, ValueError, TypeError):
         return [(prop, f"expected an IPv4 address like 192.0.2.10, got {value!r}")]
+    return []
+
+
+def ipv6(prop: str, value: Any) -> list[Problem]:
+    try:
+        ipaddress.IPv6Address(value)
+    except (ipaddress.AddressValueError, ValueError, TypeError):
+        return [(prop, f"expected an IPv6 address like 2001:db8::1, got {value!r}")]
     return []
 
 

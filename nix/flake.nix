@@ -1,7 +1,8 @@
 {
   description = "nix-dabei: NixOS on ZFS for Hetzner Cloud (image, modules, per-host seed, first boot)";
 
-  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.05";
+  # The current stable release (see nix/README.md: supported releases).
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-26.05";
 
   outputs = { self, nixpkgs }:
     let
@@ -16,7 +17,7 @@
       };
 
       # The shared image every server is installed from: no per-host data, the seed supplies it.
-      imageSystem = system: mkSystem system [ { system.stateVersion = "25.05"; } ];
+      imageSystem = system: mkSystem system [ { system.stateVersion = "26.05"; } ];
     in
     {
       nixosModules = {

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(openssh-server openssh-client zstd nix-bin util-linux fdisk gdisk iproute2 procps nodejs)
+packages=(openssh-server openssh-client zstd nix-bin util-linux fdisk gdisk iproute2 procps nodejs age)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from . import actions, control, images, locations, metadata, server_types, servers, ssh_keys
+from . import actions, control, images, locations, metadata, networking, server_types, servers, ssh_keys
 from .errors import ApiError
 from .project import PROJECT, Project
 
@@ -114,6 +114,6 @@ def build_app(project: Project, token: str, observer: Observer | None = None) ->
 
     app = web.Application(middlewares=[middleware], client_max_size=1024**2)
     app[PROJECT] = project
-    for module in (actions, servers, ssh_keys, images, server_types, locations, control, metadata):
+    for module in (actions, networking, servers, ssh_keys, images, server_types, locations, control, metadata):
         app.router.add_routes(module.routes)
     return app

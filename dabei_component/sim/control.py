@@ -13,18 +13,26 @@
 - `GET /_sim/uplink`, `PUT /_sim/uplink` `{"bits_per_second": 100e6 | null, "reset_counters": true}`: the
   deployer's uplink, one bandwidth shared by all connections to servers from outside the simulated servers
   (see `uplink.py`); the answer counts `deployer_bytes` and `server_bytes` (relays between servers).
-- `GET /_sim/servers`, `GET /_sim/servers/{id}`: addresses, status, rescue state, metadata URL, state dir
-  and the machine's own description (`Machine.describe()`); never a password.
+- `GET /_sim/servers`, `GET /_sim/servers/{id}`: addresses, status, SSH keys given at create, rescue state,
+  metadata URL, state dir and the machine's own description (`Machine.describe()`); never a password.
 - `PUT /_sim/servers/{id}/faults`: SSH faults of the server's machine (`Machine.set_faults(body)`).
+- `GET /_sim/flakes`, `PUT /_sim/flakes` (replaces all): what a configuration does once a host switched to
+  it, by flake reference: `{"<flake ref>": {"ssh": "ok" | "refused", "health": "ok" | "failing", "session":
+  "kept" | "cut"}}` (`ssh: refused`: sshd refuses root at login, open sessions go on; `health: failing`: the
+  host's `app-health` command fails and its HTTP endpoint answers 503; `session: cut`: the switch cuts every
+  open SSH connection). Read at each switch (`fake_rebuild.py`).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 from aiohttp import web
 
 from .errors import ApiError, invalid_input
+from .fake_rebuild import BEHAVIOURS, read_behaviours
 from .project import PROJECT, Project
 from .query import json_response, path_id, read_json
 from .state import Server, iso
@@ -102,6 +110,12 @@ def server_details(project: Project, server: Server) -> dict[str, Any]:
         "ipv6_address": server.ipv6_address,
         "mac": server.mac,
         "ssh_port": project.ssh_port,
+        "ssh_key_ids": list(server.ssh_key_ids),
+        # Settings given at create or by actions, as the API shows them (GET /servers/{id} has them too).
+        "private_net": [dict(n) for n in server.private_net],
+        "placement_group_id": server.placement_group_id,
+        "protection": dict(server.protection),
+        "backup_window": server.backup_window,
         "rescue_enabled": server.rescue_enabled,
         "rescue_expires": iso(server.rescue_expires),
         "metadata_url": project.metadata_url(server.id),
@@ -139,3 +153,36 @@ async def put_server_faults(request: web.Request) -> web.Response:
     except ValueError as exc:
         raise invalid_input({"faults": [str(exc)]}) from None
     return json_response({"server": server_details(project, server)})
+
+
+_BEHAVIOUR_VALUES = {"ssh": ("ok", "refused"), "health": ("ok", "failing"), "session": ("kept", "cut")}
+
+
+@routes.get("/_sim/flakes")
+async def get_flakes(request: web.Request) -> web.Response:
+    return json_response({"flakes": read_behaviours(request.app[PROJECT].flake_behaviours_path)})
+
+
+@routes.put("/_sim/flakes")
+async def put_flakes(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    problems = []
+    if not isinstance(body, dict):
+        problems.append("expected a map of flake reference to behaviour")
+        body = {}
+    for flake, entry in body.items():
+        if not isinstance(entry, dict):
+            problems.append(f"{flake}: expected a map such as {{'ssh': 'refused'}}")
+            continue
+        for key, value in entry.items():
+            if key not in BEHAVIOURS:
+                problems.append(f"{flake}.{key}: unknown; known: {list(BEHAVIOURS)}")
+            elif value not in _BEHAVIOUR_VALUES[key]:
+                problems.append(f"{flake}.{key}: expected one of {list(_BEHAVIOUR_VALUES[key])}, got {value!r}")
+    if problems:
+        raise invalid_input({"flakes": problems})
+    path = request.app[PROJECT].flake_behaviours_path
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return json_response({"flakes": body})

@@ -52,6 +52,16 @@ class Disk:
         with open(self.path, "wb") as f:
             f.truncate(self.size)
 
+    def grow(self, size: int) -> None:
+        """A bigger disk with the same content (Hetzner's `change_type` with `upgrade_disk`); the server is
+        off, so no loop device is attached."""
+        if size < self.size:
+            raise ValueError(f"a disk never shrinks: {size} < {self.size} bytes")
+        self.size = size
+        if self.path.exists():
+            with open(self.path, "r+b") as f:
+                f.truncate(size)
+
     @property
     def block_source(self) -> Path:
         """What the rescue system sees as /dev/sda: the loop device, or the file itself in the fallback."""

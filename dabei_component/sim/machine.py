@@ -14,6 +14,8 @@ import logging
 import os
 import shlex
 import shutil
+import signal
+import subprocess
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
@@ -22,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import asyncssh
+from dabei_firstboot.config import HOST_KEY, ROOT_AUTHORIZED_KEYS
 from dabei_firstboot.seed import SeedError, find_seed_partition, read_seed
 
 from .client import free_port
 from .disk import Disk
-from .fake_rebuild import SIM_STATE
+from .fake_rebuild import ACTIVE_SYSTEM, CUT_SESSIONS, SIM_STATE, SSHD_STATE
 from .sshd import FaultProxy, NamespacedProcess, PrivateDev, SshDaemon, SshdSettings
 from .state import Durations
 from .uplink import Uplink, UplinkProxy
@@ -40,12 +43,31 @@ BootHook = Callable[["Machine"], Awaitable[None]]
 class MachineSpec:
     server_id: int
     name: str
-    ipv4: str
-    ipv6_address: str
+    ipv4: str | None  # None: an IPv6-only server
+    ipv6_address: str | None
     mac: str
     disk_bytes: int
     state_dir: Path
     metadata_url: str
+
+    @property
+    def address(self) -> str:
+        """Where the machine's sshd listens: its public IPv4, or on an IPv6-only server its IPv6 address
+        (placed on this machine's loopback device by `Machine.start`, so all traffic stays here)."""
+        address = self.ipv4 or self.ipv6_address
+        if address is None:
+            raise ValueError(f"server {self.name} has neither a public IPv4 nor an IPv6 address")
+        return address
+
+
+def _loopback_ipv6(address: str, add: bool) -> None:
+    """Add or remove an IPv6 address on `lo` (root; `nodad`: usable at once). An address another simulator
+    already added stays (adding it again fails with "File exists"): addresses come from a random /48."""
+    verb = "add" if add else "del"
+    args = ["ip", "-6", "addr", verb, f"{address}/128", "dev", "lo", *(["nodad"] if add else [])]
+    done = subprocess.run(args, capture_output=True, text=True, check=False)
+    if add and done.returncode != 0 and "File exists" not in done.stderr:
+        raise RuntimeError(f"cannot put {address} on the loopback device: {done.stderr.strip()}")
 
 
 @dataclass
@@ -130,7 +152,17 @@ class Machine:
         self._uplink_proxy: UplinkProxy | None = None
         self._delayed_start: asyncio.Task[None] | None = None
         self._background: list[NamespacedProcess] = []
+        # Tasks and servers of the installed system (the active-system follower, the HTTP endpoint).
+        self._services: list[asyncio.Task[None] | asyncio.Server] = []
+        self.app_port: int | None = None
         self._lock = asyncio.Lock()
+        self._ipv6_on_lo = False
+
+    @property
+    def _listen_host(self) -> str:
+        """The address as sshd's ListenAddress takes it (an IPv6 address in brackets)."""
+        address = self.spec.address
+        return f"[{address}]" if ":" in address else address
 
     # --- paths -------------------------------------------------------------------------------------------
     @property
@@ -155,6 +187,11 @@ class Machine:
         return self._sshd.pid if self._sshd is not None else None
 
     # --- lifecycle ---------------------------------------------------------------------------------------
+    async def _ensure_address(self) -> None:
+        if self.spec.ipv4 is None and not self._ipv6_on_lo:
+            await asyncio.to_thread(_loopback_ipv6, self.spec.address, True)
+            self._ipv6_on_lo = True
+
     async def boot_rescue(self, authorized_keys: list[str]) -> None:
         """Boot the rescue system: fresh host key, root by these keys, hostname `rescue`, disk at /dev/sda."""
         if not isinstance(authorized_keys, list):
@@ -166,6 +203,7 @@ class Machine:
                 raise ValueError(f"authorized_keys[{index}] must be one non-empty public key line")
         async with self._lock:
             await self._halt()
+            await self._ensure_address()
             self._new_boot("rescue")
             not_rescue, self.faults.not_rescue = self.faults.not_rescue, False
             rescue_dir = self.state_dir / "rescue"
@@ -183,7 +221,7 @@ class Machine:
             # Outgoing SSH from the rescue system comes from the server's own address, as on Hetzner
             # (the uplink model tells server-to-server traffic from the deployer's by it).
             client_config = rescue_dir / "ssh_config"
-            client_config.write_text(f"Host *\n    BindAddress {self.spec.ipv4}\n")
+            client_config.write_text(f"Host *\n    BindAddress {self.spec.address}\n")
             binds = [(home, "/root")]
             if Path("/etc/ssh/ssh_config").exists():
                 binds.append((client_config, "/etc/ssh/ssh_config"))
@@ -210,6 +248,7 @@ class Machine:
         """Boot the installed system: a new boot id, then the boot hook (which may start sshd)."""
         async with self._lock:
             await self._halt()
+            await self._ensure_address()
             self._new_boot("disk")
             self.disk.ensure()
             if self.faults.boot_hook_fails:
@@ -227,6 +266,13 @@ class Machine:
         """Stop every process of the machine and release its loop device."""
         async with self._lock:
             await self._halt()
+
+    async def resize_disk(self, size: int) -> None:
+        """Make the (halted) machine's disk `size` bytes, keeping its content."""
+        async with self._lock:
+            await self._halt()
+            self.disk.grow(size)
+            self.spec.disk_bytes = size
 
     async def destroy(self) -> None:
         """Halt and remove the disk and all state."""
@@ -265,13 +311,14 @@ class Machine:
             "metadata_url": self.spec.metadata_url,
             "faults": self.faults.to_dict(),
             "boot_error": self.boot_error,
+            "app_port": self.app_port,
         }
 
     # --- for boot hooks ----------------------------------------------------------------------------------
     async def start_installed_sshd(
         self, *, hostname: str, host_key: Path, authorized_keys: Path, set_env: dict[str, str]
     ) -> None:
-        """Start the installed system's sshd on ipv4:ssh_port (honouring the SSH faults)."""
+        """Start the installed system's sshd on `MachineSpec.address`:ssh_port (honouring the SSH faults)."""
         await self._start_ssh(
             hostname=hostname,
             host_key=host_key,
@@ -287,6 +334,69 @@ class Machine:
         )
         self._background.append(process)
         await process.start()
+
+    async def follow_active_system(self, root: Path) -> None:
+        """Apply what the active configuration says about sshd (`ACTIVE_SYSTEM`, written by the fake
+        switch) until halt: root refused at login (`DenyUsers`, open sessions stay) or accepted again;
+        each applied state is acknowledged in `SSHD_STATE`, which the switch waits for."""
+        (root / SSHD_STATE).unlink(missing_ok=True)  # a fresh boot: sshd starts with the image's settings
+        self._services.append(asyncio.create_task(self._follow(root)))
+
+    async def _follow(self, root: Path) -> None:
+        applied = "ok"
+        while True:
+            wanted = _active(root).get("ssh", "ok")
+            if wanted != applied and self._sshd is not None and self._sshd.pid is not None:
+                self._sshd.settings.deny_users = "root" if wanted == "refused" else None
+                await self._sshd.reload()
+                applied = wanted
+                self.log_boot(f"sshd now {'refuses root' if wanted == 'refused' else 'accepts root'} (active system)")
+                state = root / SSHD_STATE
+                state.parent.mkdir(parents=True, exist_ok=True)
+                state.write_text(applied + "\n")
+            if (root / CUT_SESSIONS).exists():
+                self._cut_sessions()
+                (root / CUT_SESSIONS).unlink(missing_ok=True)
+            await asyncio.sleep(0.1)
+
+    def _cut_sessions(self) -> None:
+        """Kill sshd's per-connection processes: every open SSH connection breaks off, what they started
+        goes on (as when a switch restarts the network under them)."""
+        pid = self._sshd.pid if self._sshd is not None else None
+        if pid is None:
+            return
+        try:
+            sessions = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            return
+        for child in sessions:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(child), signal.SIGKILL)
+        self.log_boot(f"cut {len(sessions)} SSH connection(s) (the active system's switch)")
+
+    async def serve_app(self, root: Path, port: int) -> None:
+        """The installed system's HTTP endpoint on ipv4:port: 200 while the active configuration is healthy,
+        503 when it says `health: failing` (a target for the deployer's HTTP and TCP probes)."""
+
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                healthy = _active(root).get("health", "ok") == "ok"
+                body = b"ok\n" if healthy else b"unhealthy (simulated)\n"
+                status = b"200 OK" if healthy else b"503 Service Unavailable"
+                writer.write(
+                    b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+                )
+                await writer.drain()
+            except (OSError, asyncio.IncompleteReadError, TimeoutError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(answer, self.spec.ipv4, port, reuse_address=True)
+        self._services.append(server)
+        self.app_port = port
 
     def log_boot(self, message: str) -> None:
         """One line in log/boot.log, the machine's console."""
@@ -323,12 +433,12 @@ class Machine:
         use_proxy = drop_after is not None or rotate_after is not None
         relay_drop = self.faults.drop_relays_after_bytes
         limited = self.uplink is not None and (self.uplink.bits_per_second is not None or relay_drop is not None)
-        # Clients reach ipv4:ssh_port; behind it, in this order: the uplink proxy, the fault proxy, sshd.
+        # Clients reach address:ssh_port; behind it, in this order: the uplink proxy, the fault proxy, sshd.
         public_port = self.ssh_port
-        fault_port = free_port(self.spec.ipv4) if limited and use_proxy else public_port
-        sshd_port = free_port(self.spec.ipv4) if limited or use_proxy else public_port
+        fault_port = free_port(self.spec.address) if limited and use_proxy else public_port
+        sshd_port = free_port(self.spec.address) if limited or use_proxy else public_port
         settings = SshdSettings(
-            listen_host=self.spec.ipv4,
+            listen_host=self._listen_host,
             listen_port=sshd_port,
             host_key=host_key,
             authorized_keys=authorized_keys,
@@ -351,7 +461,7 @@ class Machine:
                     await self._rotate_host_key()
 
             self._proxy = FaultProxy(
-                host=self.spec.ipv4,
+                host=self.spec.address,
                 port=fault_port,
                 backend_port=sshd_port,
                 drop_after_bytes=drop_after,
@@ -360,7 +470,7 @@ class Machine:
         if limited:
             assert self.uplink is not None
             self._uplink_proxy = UplinkProxy(
-                host=self.spec.ipv4,
+                host=self.spec.address,
                 port=public_port,
                 backend_port=fault_port if use_proxy else sshd_port,
                 uplink=self.uplink,
@@ -379,7 +489,7 @@ class Machine:
             await self._proxy.start()
         if self._uplink_proxy is not None:
             await self._uplink_proxy.start()
-        self.log_boot(f"sshd listening on {self.spec.ipv4}:{self.ssh_port} (pid {self._sshd.pid})")
+        self.log_boot(f"sshd listening on {self._listen_host}:{self.ssh_port} (pid {self._sshd.pid})")
 
     async def _listen_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -411,10 +521,22 @@ class Machine:
         if self._sshd is not None:
             await self._sshd.stop()
             self._sshd = None
+        for service in self._services:
+            if isinstance(service, asyncio.Server):
+                service.close()
+            else:
+                service.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await service
+        self._services = []
+        self.app_port = None
         for process in self._background:
             await process.stop()
         self._background = []
         await self.disk.detach()
+        if self._ipv6_on_lo:  # a halted machine leaves nothing on this machine's network
+            await asyncio.to_thread(_loopback_ipv6, self.spec.address, False)
+            self._ipv6_on_lo = False
         if self.mode != "off":
             self.log_boot("halted")
         self.mode = "off"
@@ -432,10 +554,14 @@ class InstalledNixosHook:
     rebuild_backoff_seconds: float = 0.2
     # The simulator's durations; `rebuild` is how long each rebuild attempt takes (none: instant).
     durations: Durations | None = None
+    # What each flake's configuration does (`/_sim/flakes`), read by the fake switch.
+    behaviours: Path | None = None
+    # The port of the installed system's HTTP endpoint (None: no endpoint).
+    app_port: int | None = None
 
     async def __call__(self, machine: Machine) -> None:
         disk, root = machine.disk_path, machine.rootfs
-        host_key = root / "etc/ssh/ssh_host_ed25519_key"
+        host_key = root / HOST_KEY
         has_seed_partition = _has_seed_partition(disk)
         if not has_seed_partition and not host_key.exists():
             raise RuntimeError("no bootable system on the disk (no dabei-seed partition, nothing installed)")
@@ -447,7 +573,8 @@ class InstalledNixosHook:
         config_path = machine.state_dir / "nix-dabei.json"
         config_path.write_text(json.dumps(self.program_config(machine), indent=2) + "\n")
         bin_dir = machine.state_dir / "bin"
-        _write_cli_wrapper(bin_dir / "nix-dabei")
+        _write_cli_wrapper(bin_dir / "nix-dabei", "dabei_firstboot")
+        _write_cli_wrapper(bin_dir / "app-health", "dabei_component.sim.fake_rebuild", "health", "--root", str(root))
         env = {
             "PATH": f"{bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "NIX_DABEI_CONFIG": str(config_path),
@@ -455,18 +582,24 @@ class InstalledNixosHook:
             "LANG": "C.UTF-8",
         }
         await _run_logged(machine, ["nix-dabei", "seed"], env)
+        # nix-dabei-grow.service, after the seed on every boot: the partition takes a disk that grew.
+        await _run_logged(machine, ["nix-dabei", "grow"], env)
         if not host_key.exists():
             raise RuntimeError(f"no host key at {host_key} after 'nix-dabei seed'")
         await machine.start_installed_sshd(
             hostname=machine.spec.name,
             host_key=host_key,
-            authorized_keys=root / "root/.ssh/authorized_keys",
+            authorized_keys=root / ROOT_AUTHORIZED_KEYS,
             set_env=env,
         )
+        await machine.follow_active_system(root)
+        if self.app_port is not None:
+            await machine.serve_app(root, self.app_port)
         await machine.spawn("firstboot", ["nix-dabei", "firstboot"], hostname=machine.spec.name, env=env)
 
     def program_config(self, machine: Machine) -> dict[str, Any]:
         root = str(machine.rootfs)
+        fake = [sys.executable, "-m", "dabei_component.sim.fake_rebuild"]
         return {
             "root": root,
             "metadata_url": machine.spec.metadata_url,
@@ -487,7 +620,10 @@ class InstalledNixosHook:
                 "{hostname}",
                 "--seconds",
                 str(self.durations.rebuild if self.durations is not None else 0.0),
+                *(["--behaviours", str(self.behaviours)] if self.behaviours is not None else []),
             ],
+            "switch_generation_command": [*fake, "switch-generation", "--root", root, "{generation}"],
+            "activate_command": [*fake, "activate", "--root", root, "{system}"],
             "rebuild_retries": self.rebuild_retries,
             "rebuild_backoff_seconds": self.rebuild_backoff_seconds,
             "network_reload_command": None,
@@ -522,11 +658,21 @@ def _has_fresh_seed(disk: Path) -> bool:
     return True
 
 
-def _write_cli_wrapper(path: Path) -> None:
-    """`nix-dabei` for SSH sessions: the real program, run with this simulator's interpreter."""
+def _write_cli_wrapper(path: Path, module: str, *args: str) -> None:
+    """A command for SSH sessions (`nix-dabei`: the real program), run with this simulator's interpreter."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m dabei_firstboot "$@"\n')
+    argv = " ".join(shlex.quote(a) for a in (sys.executable, "-m", module, *args))
+    path.write_text(f'#!/bin/sh\nexec {argv} "$@"\n')
     path.chmod(0o755)
+
+
+def _active(root: Path) -> dict[str, Any]:
+    """What the active configuration does (`ACTIVE_SYSTEM`); nothing written yet: all well."""
+    try:
+        value = json.loads((root / ACTIVE_SYSTEM).read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 async def _run_logged(machine: Machine, argv: list[str], env: dict[str, str]) -> None:

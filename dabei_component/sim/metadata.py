@@ -33,26 +33,23 @@ def vendor_data(server: Server) -> str:
 
 
 def network_config(server: Server) -> dict[str, Any]:
-    return {
-        "config": [
+    """The public interface's subnets: IPv4 by DHCP and static IPv6, each only when it is on; no public
+    network at all gives an empty `config` (as Hetzner answers then)."""
+    subnets: list[dict[str, Any]] = []
+    if server.ipv4 is not None:
+        subnets.append({"ipv4": True, "type": "dhcp"})
+    if server.ipv6_address is not None:
+        subnets.append(
             {
-                "mac_address": server.mac,
-                "name": "eth0",
-                "subnets": [
-                    {"ipv4": True, "type": "dhcp"},
-                    {
-                        "address": f"{server.ipv6_address}/64",
-                        "dns_nameservers": DNS_SERVERS_V6,
-                        "gateway": "fe80::1",
-                        "ipv6": True,
-                        "type": "static",
-                    },
-                ],
-                "type": "physical",
+                "address": f"{server.ipv6_address}/64",
+                "dns_nameservers": DNS_SERVERS_V6,
+                "gateway": "fe80::1",
+                "ipv6": True,
+                "type": "static",
             }
-        ],
-        "version": 1,
-    }
+        )
+    entry = {"mac_address": server.mac, "name": "eth0", "subnets": subnets, "type": "physical"}
+    return {"config": [entry] if subnets else [], "version": 1}
 
 
 def metadata(server: Server, public_keys: list[str]) -> dict[str, Any]:
@@ -60,9 +57,9 @@ def metadata(server: Server, public_keys: list[str]) -> dict[str, Any]:
         "availability-zone": server.location["dc"],
         "hostname": server.name,
         "instance-id": server.id,
-        "local-ipv4": "",
+        "local-ipv4": server.private_net[0]["ip"] if server.private_net else "",
         "network-config": network_config(server),
-        "public-ipv4": server.ipv4,
+        "public-ipv4": server.ipv4 or "",
         "public-keys": public_keys,
         "region": server.location["network_zone"],
         "vendor_data": vendor_data(server),

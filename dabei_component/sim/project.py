@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -39,6 +41,7 @@ class MachineLike(Protocol):
 
     async def boot_rescue(self, authorized_keys: list[str]) -> None: ...
     async def boot_disk(self) -> None: ...
+    async def resize_disk(self, size: int) -> None: ...
     async def halt(self) -> None: ...
     async def destroy(self) -> None: ...
     def set_faults(self, faults: dict[str, Any]) -> None: ...
@@ -56,11 +59,28 @@ def real_machine(spec: dict[str, Any], ssh_port: int, boot_hook: Any) -> Machine
     return machine
 
 
-def default_boot_hook(durations: Durations) -> Any:
-    """The installed NixOS emulation, its rebuild taking `durations.rebuild` (read at each boot)."""
+def service_port() -> int:
+    """A port for a service every machine listens on (the installed system's HTTP endpoint), below the
+    kernel's ephemeral range: `free_port` answers from that range, so a port it picks later for one
+    machine's address can never be this one."""
+    start = random.randrange(20000, 32000)
+    for port in [*range(start, 32000), *range(20000, start)]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and 32000")
+
+
+def default_boot_hook(durations: Durations, behaviours: Path | None = None, app_port: int | None = None) -> Any:
+    """The installed NixOS emulation, its rebuild taking `durations.rebuild` (read at each boot); what each
+    flake's configuration does comes from the `behaviours` file (`/_sim/flakes`); its HTTP endpoint listens
+    on `app_port` (None: none)."""
     from .machine import InstalledNixosHook
 
-    return InstalledNixosHook(durations=durations)
+    return InstalledNixosHook(durations=durations, behaviours=behaviours, app_port=app_port)
 
 
 Work = Callable[[], Awaitable[None]]
@@ -82,9 +102,13 @@ class Project:
         self.boot_hook = boot_hook
         self.machine_factory = machine_factory
         self.metadata_base = ""  # "http://HOST:PORT/_metadata", known once the listener is bound
+        # The port of every installed host's HTTP endpoint (each host listens on its own address).
+        self.app_port = service_port()
         self.faults = Faults()
         self.ratelimit = RateLimiter()
-        self.uplink = Uplink(lambda: {server.ipv4 for server in self.servers.values()})
+        # Servers relay over IPv4 only: a connection to an IPv6-only server's address on `lo` comes from that
+        # same address, so only IPv4 sources tell a server from the deployer.
+        self.uplink = Uplink(lambda: {server.ipv4 for server in self.servers.values() if server.ipv4})
         self.addresses = AddressPool()
         self.servers: dict[int, Server] = {}
         self.ssh_keys: dict[int, SshKey] = {}
@@ -93,6 +117,8 @@ class Project:
             for spec in SYSTEM_IMAGES
         }
         self.actions: dict[int, Action] = {}
+        # Resources of the modules that keep their own stores (networks, placement groups, primary IPs).
+        self.extra: dict[str, Any] = {}
         self.machines: dict[int, MachineLike] = {}
         self._server_tasks: dict[int, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -100,6 +126,11 @@ class Project:
         self._action_ids = itertools.count(90_000_001)
         self._ssh_key_ids = itertools.count(3_001)
         self._image_ids = itertools.count(200_000_001)
+
+    @property
+    def flake_behaviours_path(self) -> Path:
+        """What each flake's configuration does once a simulated host switched to it (`/_sim/flakes`)."""
+        return self.state_dir / "flake-behaviours.json"
 
     # --- ids and lookups ------------------------------------------------------------------------
 
@@ -206,7 +237,9 @@ class Project:
             "state_dir": self.state_dir / "servers" / str(server.id),
             "metadata_url": self.metadata_url(server.id),
         }
-        boot_hook = self.boot_hook if self.boot_hook is not None else default_boot_hook(self.durations)
+        boot_hook = self.boot_hook
+        if boot_hook is None:
+            boot_hook = default_boot_hook(self.durations, self.flake_behaviours_path, self.app_port)
         machine = self.machine_factory(spec, self.ssh_port, boot_hook)
         if hasattr(machine, "uplink"):
             machine.uplink = self.uplink
@@ -243,7 +276,8 @@ class Project:
         if machine is not None:
             await machine.destroy()
             del self.machines[server.id]
-        self.addresses.release(server.ipv4)
+        if server.ipv4 is not None and server.ipv4_id is None:
+            self.addresses.release(server.ipv4)
         self._server_tasks.pop(server.id, None)
 
     async def stop(self) -> None:

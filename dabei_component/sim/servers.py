@@ -10,8 +10,9 @@ from typing import Any
 
 from aiohttp import web
 
+from . import networking
 from .actions import list_actions_response
-from .errors import invalid_input, locked, not_found, uniqueness
+from .errors import ApiError, invalid_input, locked, not_found, uniqueness
 from .project import PROJECT, Project, Work
 from .query import (
     compile_label_selector,
@@ -23,7 +24,7 @@ from .query import (
     sort_items,
     validate_labels,
 )
-from .state import LOCATIONS, SERVER_TYPES, Action, Image, Server, SshKey
+from .state import LOCATIONS, SERVER_TYPES, Action, Image, Server, SshKey, offered
 
 routes = web.RouteTableDef()
 
@@ -32,7 +33,7 @@ SERVER_STATUSES = (
 )  # fmt: skip
 _HOST_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 USER_DATA_LIMIT = 32 * 1024
-UNSUPPORTED_CREATE_FIELDS = ("volumes", "networks", "firewalls", "placement_group")
+UNSUPPORTED_CREATE_FIELDS = ("volumes", "firewalls")
 
 
 def root_password() -> str:
@@ -136,11 +137,6 @@ async def create_server(request: web.Request) -> web.Response:
     unsupported = [field for field in UNSUPPORTED_CREATE_FIELDS if body.get(field)]
     if unsupported:
         raise invalid_input({field: ["is not supported by the simulator"] for field in unsupported})
-    public_net = body.get("public_net") or {}
-    if not isinstance(public_net, dict):
-        raise invalid_input({"public_net": ["must be an object"]})
-    if public_net.get("enable_ipv4") is False or public_net.get("enable_ipv6") is False:
-        raise invalid_input({"public_net": ["the simulator always gives a server IPv4 and IPv6"]})
     name = validate_name(body["name"])
     server_type = _by_id_or_name(body["server_type"], "server_type", SERVER_TYPES)
     image = _resolve_image(project, body["image"], server_type["architecture"])
@@ -152,6 +148,9 @@ async def create_server(request: web.Request) -> web.Response:
         location = next(loc for loc in LOCATIONS if loc["id"] == chosen["id"])
     else:
         location = LOCATIONS[0]
+    if not offered(server_type, location):
+        # The real API's answer (code, message and empty details) to a CAX in ash, for one.
+        raise ApiError("invalid_input", "unsupported location for server type", {})
     keys = resolve_ssh_keys(project, body.get("ssh_keys", []), "ssh_keys")
     labels = validate_labels(body.get("labels", {}))
     user_data = body.get("user_data")
@@ -162,8 +161,15 @@ async def create_server(request: web.Request) -> web.Response:
         raise invalid_input({"start_after_create": ["must be a boolean"]})
     if any(server.name == name for server in project.servers.values()):
         raise uniqueness("name", f"server name {name!r} is already used")
+    primary4, primary6, enable_ipv4, enable_ipv6 = networking.public_net(project, body.get("public_net"), location)
+    group_id = networking.placement_group(project, body.get("placement_group"))
+    network_ids = body.get("networks") or []
+    if not isinstance(network_ids, list) or not all(isinstance(n, int) for n in network_ids):
+        raise invalid_input({"networks": ["must be a list of network IDs"]})
 
     ipv4, ipv6_net, mac = project.addresses.allocate()
+    if primary4 is not None or not enable_ipv4:
+        project.addresses.release(ipv4)
     server = Server(
         id=project.next_server_id(),
         name=name,
@@ -172,11 +178,20 @@ async def create_server(request: web.Request) -> web.Response:
         image=image,
         ssh_key_ids=[key.id for key in keys],
         labels=labels,
-        ipv4=ipv4,
-        ipv6_net=ipv6_net,
+        ipv4=primary4.ip if primary4 is not None else ipv4 if enable_ipv4 else None,
+        ipv6_net=primary6.ip if primary6 is not None else ipv6_net if enable_ipv6 else None,
         mac=mac,
         user_data=user_data,
+        ipv4_id=primary4.id if primary4 is not None else None,
+        ipv6_id=primary6.id if primary6 is not None else None,
+        placement_group_id=group_id,
     )
+    if group_id is not None:
+        server.placement_group_json = lambda: networking.placement_groups(project)[group_id].to_json(project)
+    server.private_net = [networking.attach(project, server, {"network": n}) for n in network_ids]
+    for primary in (primary4, primary6):
+        if primary is not None:
+            primary.assignee_id = server.id
     project.servers[server.id] = server
     create_action = project.server_action(server, "create_server", project.durations.create)
 
@@ -236,8 +251,13 @@ async def update_server(request: web.Request) -> web.Response:
 @routes.delete("/v1/servers/{id}")
 async def delete_server(request: web.Request) -> web.Response:
     project, server = _server_for_request(request)
+    if server.protection.get("delete"):
+        raise ApiError("protected", f"server {server.id} is delete protected", status=403)
     # Deleting is allowed while locked: the server disappears at once, its machine after running work.
     del project.servers[server.id]
+    for primary in networking.primary_ips(project).values():
+        if primary.assignee_id == server.id:
+            primary.assignee_id = None
     server.status = "deleting"
     action = project.server_action(server, "delete_server", project.durations.delete)
     project.run_detached(action, lambda: project.destroy(server))
@@ -322,6 +342,32 @@ for _command, _path, _duration, _work in [
     ("disable_rescue", "disable_rescue", "rescue_disable", "disable_rescue"),
 ]:
     routes.post(f"/v1/servers/{{id}}/actions/{_path}")(_simple_action(_command, _duration, _work))
+
+
+@routes.post("/v1/servers/{id}/actions/change_type")
+async def change_type(request: web.Request) -> web.Response:
+    """Hetzner's rule: the server must be off; the new type's disk must not be smaller; with `upgrade_disk`
+    the disk grows (its content is kept), and the server is started again (the API documentation)."""
+    project, server = _server_for_request(request)
+    body = await read_json(request)
+    if not isinstance(body.get("upgrade_disk"), bool):
+        raise invalid_input({"upgrade_disk": ["is required and must be a boolean"]})
+    new_type = _by_id_or_name(body.get("server_type"), "server_type", SERVER_TYPES)
+    if server.status != "off":
+        raise ApiError("server_not_stopped", "The action requires a stopped server")
+    old_type = server.server_type
+    if new_type["disk"] < old_type["disk"] or new_type["architecture"] != old_type["architecture"]:
+        raise ApiError("invalid_server_type", f"server type {new_type['name']!r} does not fit this server")
+    action = project.server_action(server, "change_server_type", project.durations.change_type)
+
+    async def work() -> None:
+        server.server_type = new_type
+        if body["upgrade_disk"]:
+            await project.machines[server.id].resize_disk(int(new_type["disk"]) * 1024**3)
+        await project.boot(server)
+
+    project.run_on_server(server, [(action, work)])
+    return json_response({"action": action.to_json()}, status=201)
 
 
 @routes.post("/v1/servers/{id}/actions/enable_rescue")

@@ -182,6 +182,9 @@ class SshdSettings:
     authorized_keys: Path | str  # relative: to the user's home, as sshd_config(5) reads it
     pid_file: Path
     set_env: dict[str, str] = field(default_factory=dict)
+    # Users refused at login (`DenyUsers`): how a switch to a configuration with a broken sshd option
+    # locks root out while the open sessions go on.
+    deny_users: str | None = None
 
     def render(self) -> str:
         for name, value in self.set_env.items():
@@ -206,6 +209,8 @@ class SshdSettings:
             "LogLevel INFO",
             "Subsystem sftp internal-sftp",
         ]
+        if self.deny_users:
+            lines.append(f"DenyUsers {self.deny_users}")
         if self.set_env:
             lines.append("SetEnv " + " ".join(f"{k}={v}" for k, v in self.set_env.items()))
         return "\n".join(lines) + "\n"

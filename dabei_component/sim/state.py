@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,6 +31,7 @@ class Durations:
     rescue_enable: float = 0.05
     rescue_disable: float = 0.05
     create_image: float = 0.2
+    change_type: float = 0.2
     delete: float = 0.1
     rescue_expiry: float = 3600.0
     # How long the installed system's `nixos-rebuild switch` (the fake one) takes, per attempt.
@@ -72,19 +74,31 @@ LOCATIONS: list[dict[str, Any]] = [
      "latitude": 1.283333, "longitude": 103.833333, "network_zone": "ap-southeast", "dc": "sin-dc1"},
 ]  # fmt: skip
 
+# Where each type is offered (Hetzner's docs, "Server types": the shared x86 CX and the Arm64 CAX types
+# in the EU locations only; CPX and the dedicated CCX types everywhere). Creating a server of a type in
+# another location fails with `invalid_input` "unsupported location for server type".
+_EU = ("fsn1", "nbg1", "hel1")
+_ALL = ("fsn1", "nbg1", "hel1", "ash", "hil", "sin")
+
 SERVER_TYPES: list[dict[str, Any]] = [
     {"id": 22, "name": "cx22", "description": "CX22", "cores": 2, "memory": 4.0, "disk": 40,
-     "cpu_type": "shared", "architecture": "x86", "category": "cost_optimized", "hourly": "0.0060"},
+     "cpu_type": "shared", "architecture": "x86", "category": "cost_optimized", "hourly": "0.0060",
+     "locations": _EU},
     {"id": 25, "name": "cx32", "description": "CX32", "cores": 4, "memory": 8.0, "disk": 80,
-     "cpu_type": "shared", "architecture": "x86", "category": "cost_optimized", "hourly": "0.0110"},
+     "cpu_type": "shared", "architecture": "x86", "category": "cost_optimized", "hourly": "0.0110",
+     "locations": _EU},
     {"id": 1, "name": "cpx11", "description": "CPX 11", "cores": 2, "memory": 2.0, "disk": 40,
-     "cpu_type": "shared", "architecture": "x86", "category": "regular_purpose", "hourly": "0.0070"},
+     "cpu_type": "shared", "architecture": "x86", "category": "regular_purpose", "hourly": "0.0070",
+     "locations": _ALL},
     {"id": 3, "name": "cpx21", "description": "CPX 21", "cores": 3, "memory": 4.0, "disk": 80,
-     "cpu_type": "shared", "architecture": "x86", "category": "regular_purpose", "hourly": "0.0130"},
+     "cpu_type": "shared", "architecture": "x86", "category": "regular_purpose", "hourly": "0.0130",
+     "locations": _ALL},
     {"id": 45, "name": "cax11", "description": "CAX11", "cores": 2, "memory": 4.0, "disk": 40,
-     "cpu_type": "shared", "architecture": "arm", "category": "cost_optimized", "hourly": "0.0060"},
+     "cpu_type": "shared", "architecture": "arm", "category": "cost_optimized", "hourly": "0.0060",
+     "locations": _EU},
     {"id": 96, "name": "ccx13", "description": "CCX13 Dedicated CPU", "cores": 2, "memory": 8.0, "disk": 80,
-     "cpu_type": "dedicated", "architecture": "x86", "category": "general_purpose", "hourly": "0.0200"},
+     "cpu_type": "dedicated", "architecture": "x86", "category": "general_purpose", "hourly": "0.0200",
+     "locations": _ALL},
 ]  # fmt: skip
 
 SYSTEM_IMAGES: list[dict[str, Any]] = [
@@ -105,8 +119,13 @@ def location_json(loc: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in loc.items() if k != "dc"}
 
 
+def offered(server_type: dict[str, Any], location: dict[str, Any]) -> bool:
+    """Whether the server type can be created in the location."""
+    return bool(location["name"] in server_type["locations"])
+
+
 def datacenter_json(loc: dict[str, Any]) -> dict[str, Any]:
-    type_ids = [st["id"] for st in SERVER_TYPES]
+    type_ids = [st["id"] for st in SERVER_TYPES if offered(st, loc)]
     return {
         "id": loc["id"],
         "name": loc["dc"],
@@ -140,6 +159,7 @@ def server_type_json(st: dict[str, Any]) -> dict[str, Any]:
                 "price_per_tb_traffic": price("1.0000"),
             }
             for loc in LOCATIONS
+            if offered(st, loc)
         ],
         "storage_type": "local",
         "cpu_type": st["cpu_type"],
@@ -148,6 +168,7 @@ def server_type_json(st: dict[str, Any]) -> dict[str, Any]:
         "locations": [
             {"id": loc["id"], "name": loc["name"], "deprecation": None, "available": True, "recommended": True}
             for loc in LOCATIONS
+            if offered(st, loc)
         ],
     }
 
@@ -271,10 +292,17 @@ class Server:
     image: Image
     ssh_key_ids: list[int]
     labels: dict[str, str]
-    ipv4: str
-    ipv6_net: str  # "2001:db8:N::/64"
+    ipv4: str | None  # None: public IPv4 off
+    ipv6_net: str | None  # "2001:db8:N::/64"; None: public IPv6 off
     mac: str
     user_data: str | None
+    ipv4_id: int | None = None  # the primary IP (a project one, or the server's own when None)
+    ipv6_id: int | None = None
+    private_net: list[dict[str, Any]] = field(default_factory=list)
+    placement_group_id: int | None = None
+    placement_group_json: Any = None  # () -> the placement group object, or None
+    protection: dict[str, bool] = field(default_factory=lambda: {"delete": False, "rebuild": False})
+    backup_window: str | None = None
     status: str = "initializing"
     rescue_enabled: bool = False
     rescue_keys: list[str] = field(default_factory=list)
@@ -287,8 +315,8 @@ class Server:
         return self.current_action is not None and self.current_action.running
 
     @property
-    def ipv6_address(self) -> str:
-        return self.ipv6_net.split("/")[0] + "1"
+    def ipv6_address(self) -> str | None:
+        return None if self.ipv6_net is None else self.ipv6_net.split("/")[0] + "1"
 
     def expire_rescue(self, now: float) -> None:
         """Rescue auto-disables after its expiry, like Hetzner's (checked lazily, on every read)."""
@@ -306,17 +334,21 @@ class Server:
             "status": self.status,
             "created": iso(self.created),
             "public_net": {
-                "ipv4": {
-                    "id": self.id + 40_000_000,
+                "ipv4": None
+                if self.ipv4 is None
+                else {
+                    "id": self.ipv4_id or self.id + 40_000_000,
                     "ip": self.ipv4,
                     "blocked": False,
                     "dns_ptr": f"static.{self.ipv4}.clients.your-server.de",
                 },
-                "ipv6": {"id": self.id + 50_000_000, "ip": self.ipv6_net, "blocked": False, "dns_ptr": []},
+                "ipv6": None
+                if self.ipv6_net is None
+                else {"id": self.ipv6_id or self.id + 50_000_000, "ip": self.ipv6_net, "blocked": False, "dns_ptr": []},
                 "floating_ips": [],
                 "firewalls": [],
             },
-            "private_net": [],
+            "private_net": [dict(n) for n in self.private_net],
             "server_type": server_type_json(self.server_type),
             "datacenter": datacenter_json(self.location),
             "location": location_json(self.location),
@@ -324,25 +356,28 @@ class Server:
             "iso": None,
             "rescue_enabled": self.rescue_enabled,
             "locked": self.locked,
-            "backup_window": None,
+            "backup_window": self.backup_window,
             "outgoing_traffic": 0,
             "ingoing_traffic": 0,
             "included_traffic": 21990232555520,
-            "protection": {"delete": False, "rebuild": False},
+            "protection": dict(self.protection),
             "labels": self.labels,
             "volumes": [],
             "load_balancers": [],
             "primary_disk_size": self.server_type["disk"],
-            "placement_group": None,
+            "placement_group": self.placement_group_json() if self.placement_group_json else None,
         }
 
 
 class AddressPool:
-    """Unique public addresses: IPv4 127.77.X.Y (never .0 or .255), IPv6 /64s from 2001:db8::/32."""
+    """Unique public addresses: IPv4 127.77.X.Y (never .0 or .255), IPv6 /64s from a random /48 of 2001:db8::/32."""
 
     def __init__(self) -> None:
         self._ipv4_in_use: set[str] = set()
         self._next = 1
+        # IPv6-only servers' addresses go on this machine's loopback device, shared by every simulator
+        # running here: each simulator takes its /64s from its own random /48.
+        self._site = secrets.randbelow(0xFFFF) + 1
 
     def allocate(self) -> tuple[str, str, str]:
         for _ in range(256 * 256):
@@ -354,7 +389,7 @@ class AddressPool:
                 continue
             self._ipv4_in_use.add(ipv4)
             mac = f"96:00:00:77:{high:02x}:{low:02x}"
-            return ipv4, f"2001:db8:{n:x}::/64", mac
+            return ipv4, f"2001:db8:{self._site:x}:{n:x}::/64", mac
         raise RuntimeError("no free simulated IPv4 address left in 127.77.0.0/16")
 
     def release(self, ipv4: str) -> None:

@@ -116,7 +116,8 @@ class UplinkProxy:
         self._acceptor: threading.Thread | None = None
 
     async def start(self) -> None:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((self.host, self.port))
         listener.listen(128)
@@ -142,7 +143,7 @@ class UplinkProxy:
     def _accept_loop(self) -> None:
         while (listener := self._listener) is not None:
             try:
-                client, (address, _port) = listener.accept()
+                client, (address, *_) = listener.accept()  # IPv6 adds flow info and scope
             except OSError:
                 return
             try:

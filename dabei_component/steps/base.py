@@ -31,12 +31,11 @@ from pulumi.dynamic import (
     ResourceProvider,
     UpdateResult,
 )
+from pulumi.output import Unknown
+from pulumi.runtime import rpc
 
 from .. import validation
 from ..settings import ProviderSettings
-
-# The value of a property that is not known yet at preview (an output of a resource still to be created).
-UNKNOWN = "04da6b54-80e4-46f7-96ec-b56ff0331ba9"
 
 
 class HostError(Exception):
@@ -68,8 +67,18 @@ class HostContext:
 
 
 def is_unknown(value: Any) -> bool:
-    if value == UNKNOWN:
+    """Whether `value` is, or holds at any depth, a value not known yet.
+
+    During a preview the engine sends values it does not know yet (outputs of resources still to be created
+    or being updated), and the SDK's provider server deserializes them with `keep_unknowns=True`
+    (`pulumi/dynamic/__main__.py`, `pulumi/runtime/rpc.py: deserialize_property`): they arrive as
+    `pulumi.output.Unknown` objects, at the top level or inside lists, maps and secrets. The wire sentinel
+    string `rpc.UNKNOWN` is recognized too, for values handed over without deserialization.
+    """
+    if isinstance(value, Unknown) or (isinstance(value, str) and value == rpc.UNKNOWN):
         return True
+    if rpc.is_rpc_secret(value):
+        return is_unknown(rpc.unwrap_rpc_secret(value))
     if isinstance(value, Mapping):
         return any(is_unknown(v) for v in value.values())
     if isinstance(value, list | tuple):
@@ -91,7 +100,6 @@ def as_int(value: Any) -> int:
 # The per-host inputs every host step receives from the component, each with its check.
 HOST_INPUT_CHECKS: dict[str, Callable[[str, Any], list[validation.Problem]]] = {
     "server_id": validation.hetzner_id,
-    "ipv4": validation.ipv4,
     "hostname": validation.hostname,
     "flake": validation.flake_ref,
     "host_public_key": validation.public_key,
@@ -99,11 +107,22 @@ HOST_INPUT_CHECKS: dict[str, Callable[[str, Any], list[validation.Problem]]] = {
 }
 # Optional per-host inputs (the steps fall back to a default when absent).
 OPTIONAL_HOST_INPUT_CHECKS: dict[str, Callable[[str, Any], list[validation.Problem]]] = {
+    # The public addresses; None or "" for one that is off (an IPv6-only host has no `ipv4`).
+    "ipv4": validation.ipv4,
+    "ipv6": validation.ipv6,
     "disk": validation.disk,
     "reinstall": validation.reinstall,
 }
 # No two hosts of a fleet may share these: two entries for one server would write its disk twice.
-UNIQUE_HOST_INPUTS = ("server_id", "ipv4")
+UNIQUE_HOST_INPUTS = ("server_id", "ipv4", "ipv6")
+
+
+def host_address(host: Mapping[str, Any]) -> str:
+    """The address the steps reach a host on: its public IPv4, or on an IPv6-only host its IPv6 address."""
+    address = host.get("ipv4") or host.get("ipv6")
+    if not address:
+        raise HostError("the server has neither a public IPv4 nor an IPv6 address to connect to")
+    return str(address)
 
 
 def check_host(name: str, host: Any) -> list[validation.Problem]:
@@ -119,8 +138,10 @@ def check_host(name: str, host: Any) -> list[validation.Problem]:
             problems += check(f"{where}.{field_name}", value)
     for field_name, check in OPTIONAL_HOST_INPUT_CHECKS.items():
         value = host.get(field_name)
-        if value is not None and not is_unknown(value):
+        if value not in (None, "") and not is_unknown(value):
             problems += check(f"{where}.{field_name}", value)
+    if all(host.get(f) in (None, "") for f in ("ipv4", "ipv6")):
+        problems.append((f"{where}.ipv4", "required: the server's public IPv4 address, or its ipv6 address"))
     hostname = host.get("hostname")
     if isinstance(hostname, str) and not is_unknown(hostname) and hostname != name:
         problems.append((f"{where}.hostname", f"expected the host's name {name!r}, got {hostname!r}"))
@@ -142,7 +163,7 @@ def check_step_inputs(news: Mapping[str, Any]) -> list[validation.Problem]:
                 owners: dict[Any, str] = {}
                 for name, host in sorted(hosts.items()):
                     value = host.get(field_name) if isinstance(host, Mapping) else None
-                    if value is None or is_unknown(value) or isinstance(value, dict | list):
+                    if value in (None, "") or is_unknown(value) or isinstance(value, dict | list):
                         continue
                     if value in owners:
                         problems.append(
@@ -180,6 +201,9 @@ class FleetStep(ResourceProvider):
     secret_inputs: ClassVar[tuple[str, ...]] = ()
     # Top-level inputs whose change means every host needs this step again.
     shared_fields: ClassVar[tuple[str, ...]] = ()
+    # The top-level input with the step before's results per host (`{name: {field: value}}`), merged
+    # into each host's settings when the step acts; it decides nothing (a preview does not know it).
+    upstream: ClassVar[str | None] = None
 
     settings: ProviderSettings | None = None
 
@@ -196,8 +220,9 @@ class FleetStep(ResourceProvider):
         raise NotImplementedError
 
     def wants_action(self, name: str, old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
-        """Whether `update` must act on this host. Subclasses refine (the reinstall policy, for one)."""
-        if old is None:
+        """Whether `update` must act on this host: it is new, one of `host_fields` changed, or a refresh
+        recorded drift for it. Subclasses refine (the reinstall request, for one)."""
+        if old is None or old.get("drift"):
             return True
         return any(old.get(f) != new.get(f) for f in self.host_fields)
 
@@ -221,16 +246,18 @@ class FleetStep(ResourceProvider):
         return CheckResult(news, failures)
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
+        """Changes when a host is added or removed, when a host would act (`wants_action`, which sees
+        what `read` recorded, so drift found by a refresh shows here), or when a value that decides
+        that is not known yet (preview)."""
         old_hosts = olds.get("hosts") or {}
-        new_hosts = news["hosts"]
-        if is_unknown(new_hosts) or any(is_unknown(news.get(f)) for f in self.shared_fields):
+        new_hosts = news.get("hosts")
+        if not isinstance(new_hosts, Mapping) or any(is_unknown(news.get(f)) for f in self.shared_fields):
             return DiffResult(changes=True, replaces=[], delete_before_replace=False)
         changed = set(old_hosts) != set(new_hosts)
         changed = changed or any(olds.get(f) != news.get(f) for f in self.shared_fields)
         for name, new in new_hosts.items():
-            old = old_hosts.get(name)
-            if old is None or any(is_unknown(new.get(f)) or old.get(f) != new.get(f) for f in self.host_fields):
-                changed = True
+            undecided = not isinstance(new, Mapping) or any(is_unknown(new.get(f)) for f in self.host_fields)
+            changed = changed or undecided or self.wants_action(name, old_hosts.get(name), new)
         return DiffResult(changes=changed, replaces=[], delete_before_replace=False)
 
     def create(self, props: dict[str, Any]) -> CreateResult:
@@ -299,10 +326,13 @@ class FleetStep(ResourceProvider):
             return {}
         deadline = time.monotonic() + float(props.get("deadline_seconds") or 1800)
 
+        before = (props.get(self.upstream) or {}) if self.upstream else {}
+
         async def guarded(name: str) -> tuple[str, dict[str, Any] | None, str | None]:
             ctx = HostContext(name=name, step=self.step, deadline=deadline, old=(olds or {}).get(name))
+            host = {**hosts[name], **(before.get(name) or {})}
             try:
-                result = await asyncio.wait_for(fn(ctx, dict(hosts[name])), timeout=ctx.remaining() + 5)
+                result = await asyncio.wait_for(fn(ctx, host), timeout=ctx.remaining() + 5)
                 return name, result, None
             except TimeoutError:
                 return name, None, f"not done within the step's deadline of {props.get('deadline_seconds')} s"

@@ -4,6 +4,10 @@ The component connects with strict host-key checking against the key it generate
 the seed), checks that the host booted since the rescue session (boot id), and polls `nix-dabei status`
 until the first-boot program reports `converged`, or fails with the status and the journal tail. A new
 flake revision for an installed host is applied in place with `nix-dabei apply`: the disk is not touched.
+
+In-place switches are safe (see `rollout.py`): they go through the fleet in batches, and each is confirmed
+only after the deployer reconnected with the pinned key and the health checks passed; the host rolls
+itself back when the confirmation does not come in time, and a failed health check rolls it back at once.
 """
 
 from __future__ import annotations
@@ -12,17 +16,56 @@ import asyncio
 import contextlib
 import json
 import shlex
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import asyncssh
 import pulumi
+from pulumi.dynamic import CheckFailure, CheckResult
 
+from .. import rollout
 from ..ssh import HostKeyMismatch, SshError, connect, run
-from .base import FleetStep, HostContext, HostError, secret_options
+from .base import FleetStep, HostContext, HostError, host_address, is_unknown, secret_options
+from .rescue import wants_install
 
 _POLL_SECONDS = 1.0
 _READ_SECONDS = 20.0
+# Kept free at the end of a confirmation window: the confirmation must reach the host before it ends.
+_CONFIRM_MARGIN_SECONDS = 3.0
+# After a window ended unconfirmed: how long the host may take to roll back and answer again.
+_ROLLBACK_GRACE_SECONDS = 60.0
+# Where `_run` hands the rollout's gate to `apply_host` (never an input: the engine never sees it).
+_GATE = "__rollout_gate"
+
+
+def _rolled_back(record: Mapping[str, Any] | None) -> str | None:
+    """What a confirmation record says was rolled back, or None when it was not."""
+    if not record or record.get("state") not in ("rolled-back", "rollback-failed"):
+        return None
+    previous = record.get("previous") or {}
+    new = record.get("new") or {}
+    if record["state"] == "rollback-failed":
+        return f"rolling back failed: {record.get('reason')}"
+    to = (record.get("rolled_back") or {}).get("to_system")
+    return (
+        f"the host rolled back from {new.get('system')} (flake {record.get('flake')}) to generation "
+        f"{previous.get('generation')} ({to}, flake {previous.get('flake')}): {record.get('reason')}"
+    )
+
+
+def in_place_candidates(olds: Mapping[str, Any], news: Mapping[str, Any]) -> list[str]:
+    """Hosts an update would switch in place, as far as the inputs tell (a preview knows nothing more): an
+    installed host, not reinstalled, whose flake changed."""
+    found = []
+    for name, new in news.items():
+        old = olds.get(name)
+        if not isinstance(old, Mapping) or not isinstance(new, Mapping) or is_unknown(new):
+            continue
+        same_server = all(old.get(f) == new.get(f) for f in ("server_id", "reinstall"))
+        if same_server and old.get("flake") != new.get("flake"):
+            found.append(name)
+    return found
 
 
 def _failure(status: Mapping[str, Any]) -> str:
@@ -38,8 +81,80 @@ def _failure(status: Mapping[str, Any]) -> str:
 
 class FirstBootProvider(FleetStep):
     step = "firstboot"
-    host_fields = ("server_id", "installed_image", "rescue_boot_id", "flake")
+    # What the program decides: a (re)installed server or a new flake. What the install step recorded
+    # (installed image, rescue boot id) is read, not compared: a preview does not know it yet.
+    host_fields = ("server_id", "reinstall", "flake", "authorized_keys")
+    upstream = "installed"
+
+    def wants_action(self, name: str, old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
+        """A host (re)installed by the install step, a new flake, new authorized keys for root, or drift
+        that a refresh recorded."""
+        if wants_install(old, new):
+            return True
+        assert old is not None
+        return (
+            bool(old.get("drift"))
+            or old.get("flake") != new.get("flake")
+            or old.get("authorized_keys") != new.get("authorized_keys")
+        )
+
     secret_inputs = ("deploy_private_key",)
+
+    def check_inputs(self, news: dict[str, Any]) -> list[CheckFailure]:
+        problems = []
+        plan = news.get("rollout")
+        if plan is not None and not is_unknown(plan):
+            problems += rollout.check_rollout("rollout", plan)
+        checks = news.get("health_checks")
+        if checks is not None and not is_unknown(checks):
+            if not isinstance(checks, Mapping):
+                problems.append(("health_checks", "expected a map of host name to a list of health checks"))
+                checks = {}
+            for name, host_checks in checks.items():
+                if not isinstance(host_checks, list):
+                    problems.append((f"health_checks.{name}", "expected a list of health checks"))
+                    continue
+                for i, check in enumerate(host_checks):
+                    problems += rollout.check_health_check(f"health_checks.{name}[{i}]", check)
+        return [CheckFailure(prop, reason) for prop, reason in problems]
+
+    def check(self, olds: dict[str, Any], news: dict[str, Any]) -> CheckResult:
+        """Also fills in `rollout.batches`: the hosts this update will switch in place, batch by batch, so
+        the preview shows how the rollout will go."""
+        result = super().check(olds, news)
+        hosts = news.get("hosts")
+        plan = news.get("rollout")
+        if result.failures or not isinstance(hosts, Mapping) or not isinstance(plan, Mapping) or is_unknown(plan):
+            return result
+        names = in_place_candidates(olds.get("hosts") or {}, hosts)
+        batches = rollout.plan_batches(names, plan.get("max_unavailable", "1"), len(hosts))
+        if batches:
+            text = "; then ".join(", ".join(batch) for batch in batches)
+            pulumi.log.info(f"firstboot: in-place rollout in {len(batches)} batch(es): {text}")
+        return CheckResult({**news, "rollout": {**plan, "batches": batches}}, [])
+
+    def _run(
+        self,
+        props: dict[str, Any],
+        hosts: dict[str, Any],
+        todo: list[str],
+        olds: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Hosts switched in place go batch by batch through a gate; installs run at once."""
+        before = props.get(self.upstream or "") or {}
+        in_place = [n for n in todo if self._in_place((olds or {}).get(n), {**hosts[n], **(before.get(n) or {})})]
+        plan = props.get("rollout") or {}
+        gate = rollout.RolloutGate(rollout.plan_batches(in_place, plan.get("max_unavailable", "1"), len(hosts)))
+        return super()._run({**props, _GATE: gate}, hosts, todo, olds)
+
+    @staticmethod
+    def _in_place(old: Mapping[str, Any] | None, host: Mapping[str, Any]) -> bool:
+        """An installed host the install step left alone: a new flake is switched in place."""
+        return bool(
+            old is not None
+            and old.get("system")
+            and all(old.get(f) == host.get(f) for f in ("server_id", "installed_image", "rescue_boot_id"))
+        )
 
     async def _connect(
         self, ctx: HostContext, host: Mapping[str, Any], deploy_key: str, deadline: float
@@ -47,7 +162,7 @@ class FirstBootProvider(FleetStep):
         assert self.settings is not None
         try:
             conn, _ = await connect(
-                host["ipv4"],
+                host_address(host),
                 port=self.settings.ssh_port,
                 client_key=deploy_key,
                 host_key=host["host_public_key"],
@@ -55,7 +170,10 @@ class FirstBootProvider(FleetStep):
                 log=ctx.log,
             )
         except HostKeyMismatch as exc:
-            raise HostError(f"refusing the host: {exc}") from None
+            raise HostError(
+                f"refusing the host: {exc}; if it was reinstalled outside nix-dabei, give it a new `reinstall` "
+                "ID to install it again"
+            ) from None
         except SshError as exc:
             raise HostError(str(exc)) from None
         return conn
@@ -118,21 +236,33 @@ class FirstBootProvider(FleetStep):
 
     async def apply_host(self, ctx: HostContext, host: dict[str, Any], props: dict[str, Any]) -> dict[str, Any]:
         deploy_key = props["deploy_private_key"]
+        checks = list((props.get("health_checks") or {}).get(ctx.name) or [])
         old = ctx.old
-        in_place = (
-            old is not None
-            and old.get("system")
-            and all(old.get(f) == host.get(f) for f in ("server_id", "installed_image", "rescue_boot_id"))
-        )
-        if in_place:
-            ctx.log(f"applying flake {host['flake']} in place")
-            conn = await self._connect(ctx, host, deploy_key, ctx.deadline)
-            with contextlib.closing(conn):
-                await self._apply(ctx, conn, host["flake"])
+        if self._in_place(old, host):
+            assert old is not None
+            gate: rollout.RolloutGate = props[_GATE]
+            try:
+                await gate.enter(ctx.name)
+            except rollout.HostNotTouched as exc:
+                raise HostError(str(exc)) from None
+            number, total = gate.position(ctx.name)
+            ok = False
+            try:
+                if old.get("authorized_keys") != host.get("authorized_keys"):
+                    await self._set_authorized_keys(ctx, host, deploy_key)
+                if old.get("flake") != host["flake"] or old.get("drift"):
+                    ctx.log(f"applying flake {host['flake']} in place (batch {number} of {total})")
+                    await self._switch_in_place(ctx, host, props, checks)
+                    checks = []  # passed before the confirmation
+                ok = True
+            finally:
+                await gate.leave(ctx.name, ok)
         status = await self._wait_converged(ctx, host, deploy_key)
         st = status["status"]
         if st.get("flake") and st["flake"] != host["flake"]:
             raise HostError(f"the host converged on flake {st['flake']!r}, not {host['flake']!r}")
+        if checks:
+            await self._first_boot_checks(ctx, host, deploy_key, checks)
         ctx.log(f"converged on {status.get('system')}")
         return {
             "system": status.get("system"),
@@ -141,8 +271,154 @@ class FirstBootProvider(FleetStep):
             "drift": None,
         }
 
+    async def _set_authorized_keys(self, ctx: HostContext, host: Mapping[str, Any], deploy_key: str) -> None:
+        """Root's keys on a running host, replaced in place (`nix-dabei authorized-keys`); the deploy key
+        is the first of them, so the component can always log in again."""
+        ctx.log(f"setting root's {len(host['authorized_keys'])} authorized key(s)")
+        conn = await self._connect(ctx, host, deploy_key, ctx.deadline)
+        with contextlib.closing(conn):
+            keys = "".join(f"{k}\n" for k in host["authorized_keys"])
+            await run(conn, "nix-dabei authorized-keys", input=keys, timeout=60)
+
+    async def _first_boot_checks(
+        self, ctx: HostContext, host: Mapping[str, Any], deploy_key: str, checks: list[Mapping[str, Any]]
+    ) -> None:
+        """Health checks after a first boot; a failure fails the host (a first boot has no earlier
+        generation of this configuration to return to)."""
+        conn = await self._connect(ctx, host, deploy_key, ctx.deadline)
+        with contextlib.closing(conn):
+            failure = await rollout.run_checks(checks, host["ipv4"], conn, ctx.deadline, ctx.log)
+        if failure is not None:
+            raise HostError(f"{failure}\n  after the first boot; the host keeps the system it booted")
+
+    async def _switch_in_place(
+        self, ctx: HostContext, host: Mapping[str, Any], props: Mapping[str, Any], checks: list[Mapping[str, Any]]
+    ) -> None:
+        """Switch, reconnect, check, confirm: or roll back and say what was rolled back."""
+        deploy_key = props["deploy_private_key"]
+        window = float((props.get("rollout") or {}).get("confirm_seconds") or rollout.DEFAULT_CONFIRM_SECONDS)
+        conn = await self._connect(ctx, host, deploy_key, ctx.deadline)
+        with contextlib.closing(conn):
+            status = await self._status(conn)
+            if "confirm" not in (status.get("features") or []):
+                # Installed by a release before confirmed switches: its nix-dabei has no `--confirm-seconds`.
+                ctx.log("the host's nix-dabei predates confirmed switches: switching without automatic rollback")
+                await self._apply(ctx, conn, host["flake"])
+                failure = await rollout.run_checks(checks, host["ipv4"], conn, ctx.deadline, ctx.log)
+                if failure is not None:
+                    raise HostError(f"{failure}\n  after the switch; no rollback: the host's nix-dabei predates it")
+                return
+            cmd = f"nix-dabei apply --flake {shlex.quote(host['flake'])} --confirm-seconds {window:g}"
+            cut = ""
+            try:
+                done = await run(conn, cmd, timeout=max(1.0, ctx.remaining()), check=False)
+                try:
+                    answer = json.loads(done.stdout)
+                except ValueError:
+                    raise HostError(f"`nix-dabei apply` answered no status: {done.stderr.strip()[-500:]}") from None
+                switched = done.exit_status == 0
+            except SshError as exc:
+                # A switch that restarts the network cuts the connection; the switch goes on without it
+                # (`apply` ignores SIGHUP), so follow it over a new one.
+                cut = f"the connection broke off during the switch ({exc}); "
+                ctx.log(f"{cut}following the switch over a new connection")
+                answer = await self._follow_switch(ctx, host, deploy_key)
+                switched = (answer.get("confirm") or {}).get("state") == "awaiting-confirmation"
+        record = answer.get("confirm") or {}
+        # The window opened when the switch ended, a moment before the answer arrived.
+        left = float(record.get("confirm_by") or 0) - time.time() if cut else window
+        window_end = time.monotonic() + min(window, left) - _CONFIRM_MARGIN_SECONDS
+        if not switched:
+            rolled = _rolled_back(record)
+            if rolled and (answer.get("status") or {}).get("phase") == "converged":
+                raise HostError(cut + rolled)
+            text = _failure(answer)
+            raise HostError(f"{cut}{text}\n  {rolled}" if rolled else cut + text)
+        token = str(record["token"])
+        ctx.log(f"switched to {answer.get('system')}; confirming within {window:g}s")
+        try:
+            conn = await self._connect(ctx, host, deploy_key, min(ctx.deadline, window_end))
+        except HostError as exc:
+            reason = f"no SSH connection with the pinned key after the switch ({exc})"
+            outcome = await self._outcome_after_window(ctx, host, deploy_key, window_end, token, reason)
+            raise HostError(outcome) from None
+        with contextlib.closing(conn):
+            failure = await rollout.run_checks(checks, host["ipv4"], conn, min(ctx.deadline, window_end), ctx.log)
+            if failure is not None:
+                reason = f"health check {failure.name!r} failed"
+                back = await run(
+                    conn, f"nix-dabei rollback --token {token} --reason {shlex.quote(reason)}", timeout=600, check=False
+                )
+                raise HostError(f"{failure}\n  after the switch; {self._rollback_answer(back.stdout)}")
+            confirmed = await run(conn, f"nix-dabei confirm --token {token}", timeout=60, check=False)
+        if confirmed.exit_status != 0:
+            raise HostError(f"the confirmation came too late; {self._rollback_answer(confirmed.stdout)}")
+        ctx.log("switch confirmed")
+
+    async def _follow_switch(self, ctx: HostContext, host: Mapping[str, Any], deploy_key: str) -> dict[str, Any]:
+        """Reconnect and read `nix-dabei status` until the switch of `host['flake']` no longer runs."""
+        while True:
+            try:
+                conn = await self._connect(ctx, host, deploy_key, ctx.deadline)
+            except HostError:
+                if ctx.remaining() < _POLL_SECONDS:
+                    raise
+                await asyncio.sleep(_POLL_SECONDS)
+                continue
+            with contextlib.closing(conn):
+                try:
+                    while True:
+                        status = await self._status(conn)
+                        record = status.get("confirm") or {}
+                        if record.get("flake") == host["flake"] and record.get("state") != "switching":
+                            return status
+                        if ctx.remaining() < _POLL_SECONDS:
+                            raise HostError(
+                                f"the switch did not end before the deadline; it is {record.get('state')!r}"
+                            )
+                        await asyncio.sleep(_POLL_SECONDS)
+                except SshError:
+                    continue
+
+    @staticmethod
+    def _rollback_answer(stdout: str) -> str:
+        try:
+            answer = json.loads(stdout)
+        except ValueError:
+            return f"the host's answer about the rollback is not JSON: {stdout[:200]!r}"
+        record = answer.get("confirm")
+        return _rolled_back(record) or f"the switch is {(record or {}).get('state')!r}: {answer.get('error')}"
+
+    async def _outcome_after_window(
+        self, ctx: HostContext, host: Mapping[str, Any], deploy_key: str, window_end: float, token: str, reason: str
+    ) -> str:
+        """The host could not be reached to confirm: wait for its own rollback, then report it."""
+        ctx.log(f"{reason}; waiting for the host to roll itself back")
+        await asyncio.sleep(max(0.0, window_end + _CONFIRM_MARGIN_SECONDS - time.monotonic()))
+        until = min(ctx.deadline, time.monotonic() + _ROLLBACK_GRACE_SECONDS)
+        while True:
+            # Refused logins too are tried again: the host may still be rolling back.
+            try:
+                conn = await self._connect(ctx, host, deploy_key, until)
+                break
+            except HostError as exc:
+                if time.monotonic() + _POLL_SECONDS >= until:
+                    return f"{reason}; the host does not answer after its confirmation window either ({exc})"
+                await asyncio.sleep(_POLL_SECONDS)
+        with contextlib.closing(conn):
+            while True:
+                record = (await self._status(conn)).get("confirm") or {}
+                if record.get("token") != token or record.get("state") not in ("switching", "awaiting-confirmation"):
+                    break
+                if ctx.remaining() < _POLL_SECONDS:
+                    break
+                await asyncio.sleep(_POLL_SECONDS)
+        return f"{reason}; {_rolled_back(record) or 'the switch is ' + repr(record.get('state'))}"
+
     async def read_host(self, ctx: HostContext, host: dict[str, Any], props: dict[str, Any]) -> dict[str, Any]:
-        """What is really on the host now, so `pulumi refresh` shows drift."""
+        """What is really on the host now, so `pulumi refresh` shows drift: a host that does not answer with
+        its generated key, is not converged, runs another flake, or runs another system than the one it
+        converged to. `drift` says which; the next `up` acts on a host with drift (see `wants_action`)."""
         if not props.get("deploy_private_key"):
             return host
         loop = asyncio.get_running_loop()
@@ -153,12 +429,15 @@ class FirstBootProvider(FleetStep):
         with contextlib.closing(conn):
             status = await self._status(conn)
         st = status.get("status") or {}
+        system = status.get("system")
         drift = None
         if st.get("phase") != "converged":
             drift = f"first-boot phase is {st.get('phase')!r}"
         elif st.get("flake") != host.get("flake"):
             drift = f"the host runs flake {st.get('flake')!r}"
-        return {**host, "system": status.get("system"), "boot_id": status.get("boot_id"), "drift": drift}
+        elif host.get("system") and system != host["system"]:
+            drift = f"the host runs {system}, not {host['system']} it converged to"
+        return {**host, "system": system, "boot_id": status.get("boot_id"), "drift": drift}
 
 
 class FirstBoot(pulumi.dynamic.Resource):
@@ -168,13 +447,21 @@ class FirstBoot(pulumi.dynamic.Resource):
         self,
         name: str,
         hosts: pulumi.Input[dict[str, Any]],
+        installed: pulumi.Input[dict[str, Any]],
         deploy_private_key: pulumi.Input[str],
         deadline_seconds: pulumi.Input[float],
+        rollout: pulumi.Input[dict[str, Any]] | None = None,
+        health_checks: pulumi.Input[dict[str, Any]] | None = None,
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
         props = {
             "hosts": hosts,
+            "installed": installed,
             "deploy_private_key": deploy_private_key,
             "deadline_seconds": deadline_seconds,
+            # How in-place updates go through the fleet (`rollout.Rollout.wire()`; `batches` filled in
+            # by check()), and each host's health checks ({name: [HealthCheck.wire(), ...]}).
+            "rollout": rollout if rollout is not None else {"max_unavailable": "1"},
+            "health_checks": health_checks or {},
         }
         super().__init__(FirstBootProvider(), name, props, secret_options(FirstBootProvider, opts))

@@ -42,7 +42,7 @@ from ..imaging import PreparedImage
 from ..keys import fingerprint
 from ..relay import RelayHost, relay_write
 from ..ssh import HostKeyMismatch, SshError, connect, run
-from .base import FleetStep, HostContext, HostError, as_int, is_unknown, secret_options
+from .base import FleetStep, HostContext, HostError, as_int, host_address, is_unknown, secret_options
 from .image import ensure_prepared
 from .rescue import RescueSession, enter_rescue, hetzner_api, verify_rescue, wants_install
 
@@ -139,7 +139,8 @@ def seed_document(host: Mapping[str, Any], private_key: str) -> dict[str, Any]:
 
 class InstallProvider(FleetStep):
     step = "install"
-    host_fields = ("server_id", "image")
+    host_fields = ("server_id", "reinstall")
+    upstream = "rescued"
     secret_inputs = SECRET_INPUTS
 
     def check_inputs(self, news: dict[str, Any]) -> list[CheckFailure]:
@@ -164,7 +165,7 @@ class InstallProvider(FleetStep):
         assert self.settings is not None
         try:
             conn, _ = await connect(
-                host["ipv4"],
+                host_address(host),
                 port=self.settings.ssh_port,
                 client_key=props["deploy_private_key"],
                 host_key=host["host_public_key"],
@@ -185,7 +186,7 @@ class InstallProvider(FleetStep):
         host_key, action_id = pin
         try:
             conn, _ = await connect(
-                host["ipv4"],
+                host_address(host),
                 port=self.settings.ssh_port,
                 client_key=props["deploy_private_key"],
                 host_key=host_key,
@@ -241,7 +242,11 @@ class InstallProvider(FleetStep):
         disk = host.get("disk") or "/dev/sda"
         fleet = _FLEET.get()
         try:
-            if relay is not None:
+            if relay is not None and not host.get("ipv4"):
+                # The relay runs between the hosts' IPv4 addresses; an IPv6-only host is written directly.
+                relay.leave(ctx.name)
+                ctx.log("IPv6-only host: not in the relay")
+            elif relay is not None:
                 assert self.settings is not None
                 member = RelayHost(
                     ctx.name, session.conn, host["ipv4"], self.settings.ssh_port, session.host_key, disk, seed
@@ -327,15 +332,17 @@ class Install(pulumi.dynamic.Resource):
         self,
         name: str,
         hosts: pulumi.Input[dict[str, Any]],
+        rescued: pulumi.Input[dict[str, Any]],
         image: pulumi.Input[dict[str, Any]],
         rescue_ssh_key_ids: pulumi.Input[list[Any]],
         deploy_private_key: pulumi.Input[str],
-        host_private_keys: pulumi.Input[dict[str, str]],
+        host_private_keys: pulumi.Input[Mapping[str, pulumi.Input[str]]],
         deadline_seconds: pulumi.Input[float],
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
         props = {
             "hosts": hosts,
+            "rescued": rescued,
             "image": image,
             "rescue_ssh_key_ids": rescue_ssh_key_ids,
             "deploy_private_key": deploy_private_key,

@@ -4,6 +4,16 @@ The deploy key logs into the rescue system and, afterwards, the installed host a
 written into the host's seed, so the component knows the installed host's identity before it boots and
 connects with strict host-key checking from the first packet. Private keys are secret outputs; the public
 halves are plain outputs (they become known_hosts lines).
+
+Each key is generated once and depends on nothing that changes with the fleet: the deploy key lives in
+`SshKeys` (one per fleet, no inputs that vary), each host key in its own `HostKey`. A preview knows none
+of the outputs of a dynamic resource it is about to update, so a key resource whose inputs followed the
+host list would make every preview that adds a host show the fleet's keys (and everything built on them,
+the deploy key's `hcloud.SshKey` first) as being replaced.
+
+Stacks recorded before this layout hold every host key in `SshKeys` (`host_private_keys`,
+`host_public_keys`). `SshKeys` keeps those outputs as they are, and a new `HostKey` adopts the recorded
+key of its host instead of generating one, so an upgrade changes no host's identity.
 """
 
 from __future__ import annotations
@@ -12,74 +22,51 @@ import uuid
 from typing import Any
 
 import pulumi
-from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, DiffResult, ResourceProvider, UpdateResult
+from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, DiffResult, ResourceProvider
 
-from ..keys import generate_ssh_keypair
+from .. import validation
+from ..keys import generate_ssh_keypair, public_key_of
 from .base import is_unknown
 
 SECRET_OUTPUTS = ["deploy_private_key", "host_private_keys"]
+HOST_KEY_SECRET_OUTPUTS = ["private_key", "adopt_private_key"]
 
 
 class SshKeysProvider(ResourceProvider):
+    """The fleet's deploy key. Its outputs never change once created (an update keeps them as recorded)."""
+
     def check(self, olds: dict[str, Any], news: dict[str, Any]) -> CheckResult:
-        names = news.get("host_names")
-        failures = []
-        if not is_unknown(names) and (not isinstance(names, list) or not all(isinstance(n, str) and n for n in names)):
-            failures.append(CheckFailure("host_names", "expected a list of host names"))
-        return CheckResult(news, failures)
+        return CheckResult(news, [])
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
-        changed = is_unknown(news.get("host_names")) or sorted(olds.get("host_names") or []) != sorted(
-            news["host_names"]
-        )
-        return DiffResult(changes=changed, replaces=[], delete_before_replace=False)
-
-    def _outputs(self, names: list[str], olds: dict[str, Any]) -> dict[str, Any]:
-        deploy_private = olds.get("deploy_private_key")
-        deploy_public = olds.get("deploy_public_key")
-        if not deploy_private:
-            pair = generate_ssh_keypair()
-            deploy_private, deploy_public = pair.private_openssh, pair.public
-        old_private = olds.get("host_private_keys") or {}
-        old_public = olds.get("host_public_keys") or {}
-        private, public = {}, {}
-        for name in sorted(names):
-            if name in old_private:  # a host keeps its identity for as long as it is declared
-                private[name], public[name] = old_private[name], old_public[name]
-            else:
-                pair = generate_ssh_keypair()
-                private[name], public[name] = pair.private_openssh, pair.public
-        return {
-            "host_names": sorted(names),
-            "deploy_public_key": deploy_public,
-            "deploy_private_key": deploy_private,
-            "host_public_keys": public,
-            "host_private_keys": private,
-        }
+        # Nothing in the inputs can change a generated key; `host_names` of earlier releases is ignored.
+        return DiffResult(changes=False, replaces=[], delete_before_replace=False)
 
     def create(self, props: dict[str, Any]) -> CreateResult:
-        return CreateResult(f"keys-{uuid.uuid4().hex[:12]}", self._outputs(props["host_names"], {}))
-
-    def update(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
-        return UpdateResult(self._outputs(news["host_names"], olds))
+        pair = generate_ssh_keypair()
+        outs = {
+            "deploy_public_key": pair.public,
+            "deploy_private_key": pair.private_openssh,
+            "host_public_keys": {},
+            "host_private_keys": {},
+        }
+        return CreateResult(f"keys-{uuid.uuid4().hex[:12]}", outs)
 
 
 class SshKeys(pulumi.dynamic.Resource):
-    host_names: pulumi.Output[list[str]]
+    """The deploy key (and, in stacks recorded by earlier releases, their host keys: see the module doc)."""
+
     deploy_public_key: pulumi.Output[str]
     deploy_private_key: pulumi.Output[str]
     host_public_keys: pulumi.Output[dict[str, str]]
     host_private_keys: pulumi.Output[dict[str, str]]
 
-    def __init__(
-        self, name: str, host_names: pulumi.Input[list[str]], opts: pulumi.ResourceOptions | None = None
-    ) -> None:
+    def __init__(self, name: str, opts: pulumi.ResourceOptions | None = None) -> None:
         secret = pulumi.ResourceOptions(additional_secret_outputs=SECRET_OUTPUTS)
         super().__init__(
             SshKeysProvider(),
             name,
             {
-                "host_names": host_names,
                 "deploy_public_key": None,
                 "deploy_private_key": None,
                 "host_public_keys": None,
@@ -87,3 +74,55 @@ class SshKeys(pulumi.dynamic.Resource):
             },
             pulumi.ResourceOptions.merge(opts, secret),
         )
+
+
+class HostKeyProvider(ResourceProvider):
+    """One host's SSH host key: generated at create, or adopted from `adopt_private_key` when given."""
+
+    def check(self, olds: dict[str, Any], news: dict[str, Any]) -> CheckResult:
+        failures = []
+        host = news.get("host")
+        if not is_unknown(host):
+            failures += [CheckFailure(p, r) for p, r in validation.hostname("host", host)]
+        adopt = news.get("adopt_private_key")
+        if adopt and not is_unknown(adopt):
+            failures += [CheckFailure(p, r) for p, r in validation.private_key("adopt_private_key", adopt)]
+        return CheckResult(news, failures)
+
+    def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
+        # A host keeps its identity for as long as it is declared: nothing changes a generated key.
+        return DiffResult(changes=False, replaces=[], delete_before_replace=False)
+
+    def create(self, props: dict[str, Any]) -> CreateResult:
+        adopt = props.get("adopt_private_key")
+        if adopt:
+            private, public = adopt, public_key_of(adopt)
+        else:
+            pair = generate_ssh_keypair()
+            private, public = pair.private_openssh, pair.public
+        outs = {"host": props["host"], "public_key": public, "private_key": private, "adopted": bool(adopt)}
+        return CreateResult(f"hostkey-{uuid.uuid4().hex[:12]}", outs)
+
+
+class HostKey(pulumi.dynamic.Resource):
+    """The SSH host key of one host (ed25519); `private_key` is a secret output."""
+
+    public_key: pulumi.Output[str]
+    private_key: pulumi.Output[str]
+
+    def __init__(
+        self,
+        name: str,
+        host: str,
+        adopt_private_key: pulumi.Input[str | None] | None = None,
+        opts: pulumi.ResourceOptions | None = None,
+    ) -> None:
+        secret = pulumi.ResourceOptions(additional_secret_outputs=HOST_KEY_SECRET_OUTPUTS)
+        props = {
+            "host": host,
+            "adopt_private_key": adopt_private_key,
+            "public_key": None,
+            "private_key": None,
+            "adopted": None,
+        }
+        super().__init__(HostKeyProvider(), name, props, pulumi.ResourceOptions.merge(opts, secret))

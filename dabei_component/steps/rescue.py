@@ -20,7 +20,7 @@ from pulumi.dynamic import CheckFailure
 
 from ..hetzner import HetznerApi, HetznerError
 from ..ssh import SshError, connect, run
-from .base import FleetStep, HostContext, HostError, as_int, is_unknown, secret_options
+from .base import FleetStep, HostContext, HostError, as_int, host_address, is_unknown, secret_options
 
 # Enough for a script to tell a rescue system from anything else, in one round trip.
 _PROBE = "hostname; cat /proc/sys/kernel/random/boot_id; test -b {disk} && echo block || echo missing"
@@ -79,7 +79,7 @@ async def enter_rescue(
     assert settings is not None
     try:
         conn, host_key = await connect(
-            host["ipv4"],
+            host_address(host),
             port=settings.ssh_port,
             client_key=props["deploy_private_key"],
             host_key=None,
@@ -96,24 +96,25 @@ async def enter_rescue(
     return RescueSession(conn, host_key, boot_id, action_id)
 
 
-# Server type and location names offered by each API endpoint, read once per provider process.
-_CATALOGS: dict[str | None, tuple[set[str], set[str]]] = {}
+# Server types (with the locations offering each) and location names of each API endpoint, read once per
+# provider process.
+_CATALOGS: dict[str | None, tuple[dict[str, set[str]], set[str]]] = {}
 _CATALOG_SECONDS = 10.0
 
 
 def check_catalog(provider: FleetStep, hosts: Any) -> list[CheckFailure]:
-    """Unknown server types and locations, checked against the project's catalog when a token is set.
+    """Unknown server types and locations, and a type the location does not offer (CAX outside the EU, for
+    one), checked against the project's catalog when a token is set.
 
-    Only names (`cx22`, `fsn1`) are checked here; without a token, or when the API cannot be reached,
-    nothing is (pulumi-hcloud then names the bad value when it creates the server)."""
+    Without a token, or when the API cannot be reached, nothing is (pulumi-hcloud then names the bad value
+    when it creates the server)."""
     settings = provider.settings
-    wanted = [
-        (name, field, host[field])
+    wanted = {
+        name: host
         for name, host in (hosts.items() if isinstance(hosts, Mapping) else [])
         if isinstance(host, Mapping)
-        for field in ("server_type", "location")
-        if isinstance(host.get(field), str) and not is_unknown(host[field])
-    ]
+        and any(isinstance(host.get(f), str) and not is_unknown(host[f]) for f in ("server_type", "location"))
+    }
     if not wanted or settings is None or not settings.token:
         return []
     if settings.endpoint not in _CATALOGS:
@@ -124,28 +125,49 @@ def check_catalog(provider: FleetStep, hosts: Any) -> list[CheckFailure]:
             pulumi.log.warn(f"server types and locations not checked: {exc}")
             return []
     server_types, locations = _CATALOGS[settings.endpoint]
-    known = {"server_type": server_types, "location": locations}
-    return [
-        CheckFailure(
-            f"hosts.{name}.{field}",
-            f"unknown {field.replace('_', ' ')} {value!r}; this project offers {', '.join(sorted(known[field]))}",
-        )
-        for name, field, value in wanted
-        if value not in known[field]
-    ]
+    failures = []
+    for name, host in wanted.items():
+        server_type, location = host.get("server_type"), host.get("location")
+        known_type = isinstance(server_type, str) and server_type in server_types
+        known_location = isinstance(location, str) and location in locations
+        if isinstance(server_type, str) and not is_unknown(server_type) and not known_type:
+            offers = ", ".join(sorted(server_types))
+            failures.append(
+                CheckFailure(
+                    f"hosts.{name}.server_type", f"unknown server type {server_type!r}; this project offers {offers}"
+                )
+            )
+        if isinstance(location, str) and not is_unknown(location) and not known_location:
+            offers = ", ".join(sorted(locations))
+            failures.append(
+                CheckFailure(f"hosts.{name}.location", f"unknown location {location!r}; this project offers {offers}")
+            )
+        if known_type and known_location and location not in server_types[str(server_type)]:
+            where = ", ".join(sorted(server_types[str(server_type)])) or "no location"
+            failures.append(
+                CheckFailure(
+                    f"hosts.{name}.location",
+                    f"server type {server_type!r} is not offered in {location!r} (Hetzner answers "
+                    f"'unsupported location for server type'); it is offered in {where}",
+                )
+            )
+    return failures
 
 
 def wants_install(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
-    """A host is (re)installed when it is new, its server was replaced, or its image changed and its
-    reinstall policy allows it. A new image under policy `never` shows in the preview, nothing more."""
+    """A host is installed when it is new or its server was replaced, and reinstalled (its disk wiped)
+    only on an explicit request: a `reinstall` ID other than the one it was last installed under. A new
+    image is not a request: it applies to hosts installed from then on, so a routine image bump (a
+    `nix flake update`) never destroys data."""
     if old is None or old.get("server_id") != new.get("server_id"):
         return True
-    return old.get("image") != new.get("image") and new.get("reinstall", "on-image-change") != "never"
+    request = new.get("reinstall")
+    return bool(request) and request != old.get("reinstall")
 
 
 class RescueProvider(FleetStep):
     step = "rescue"
-    host_fields = ("server_id", "image")
+    host_fields = ("server_id", "reinstall")
     secret_inputs = ("deploy_private_key",)
 
     def check_inputs(self, news: dict[str, Any]) -> list[CheckFailure]:

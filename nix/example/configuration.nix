@@ -3,14 +3,12 @@
 {
   networking.hostName = "web-1";
   nix-dabei = {
-    # The image is shared by every server; these are the defaults, spelled out for the example.
-    poolName = "rpool";
-    bootDevice = "/dev/sda";
+    # Pool, datasets, host id and boot layout are facts of the shared image (read-only options).
     firstboot.rebuildRetries = 3;
     extraAuthorizedKeys = [ "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKqHqkGqjvnS3VGr2bAJTD1i2Wn1wZz7Cq2r8b5UZkq3 ops@example" ];
   };
   services.nginx.enable = true;
   networking.firewall.allowedTCPPorts = [ 22 80 ];
   environment.systemPackages = [ pkgs.htop ];
-  system.stateVersion = "25.05";
+  system.stateVersion = "26.05";
 }

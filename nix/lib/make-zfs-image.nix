@@ -6,7 +6,8 @@
 #   3 dabei-seed 1 MiB   8300  the per-host seed, written by the installer after the image
 #   4 zfs        rest    BF00  the pool; last, so it can grow on first boot
 #
-# The pool is exported at the end, so the server imports it without force (fixed networking.hostId).
+# The pool is exported at the end, so the server's first import needs no force whatever host id the build
+# VM had; the server then imports it under the image's fixed networking.hostId (../lib/image-layout.nix).
 # Result: $out/nixos.img (raw, what dd needs) and $out/nix-support/image-info.json.
 { pkgs, lib, config }:
 let
@@ -39,7 +40,9 @@ let
   modulesTree = pkgs.aggregateModules [ config.boot.kernelPackages.kernel config.boot.kernelPackages.${config.boot.zfs.package.kernelModuleAttribute} ];
   tools = lib.makeBinPath [
     config.system.build.nixos-install
-    config.system.build.nixos-enter
+    # The package: config.system.build.nixos-enter warns since 25.05 and is being removed
+    # (nixos/modules/installer/tools/tools.nix).
+    pkgs.nixos-enter
     config.boot.zfs.package
     pkgs.dosfstools
     pkgs.gptfdisk
@@ -48,8 +51,8 @@ let
     pkgs.nix
   ];
 in
-# Overriding rootModules replaces vmTools' default list, so it is repeated here: nixos-25.05's vmTools
-# mounts the store with virtiofs (older releases: 9p), plus the virtio devices, zfs and vfat.
+# Overriding rootModules replaces vmTools' default list, so it is repeated here: vmTools mounts the store
+# with virtiofs since nixos-25.05 (older releases: 9p), plus the virtio devices, zfs and vfat.
 (pkgs.vmTools.override {
   rootModules = [
     "virtiofs" "9p" "9pnet_virtio"
@@ -72,7 +75,8 @@ in
     mkdir -p $out/nix-support
     cat > $out/nix-support/image-info.json <<INFO
     {"file": "nixos.img", "format": "raw", "system": "${pkgs.stdenv.hostPlatform.system}",
-     "pool": "${pool}", "toplevel": "${config.system.build.toplevel}", "sizeMiB": ${toString cfg.imageSizeMiB}}
+     "pool": "${pool}", "hostId": "${cfg.hostId}", "bootMode": "${cfg.bootMode}", "espSizeMiB": ${toString cfg.espSizeMiB},
+     "toplevel": "${config.system.build.toplevel}", "sizeMiB": ${toString cfg.imageSizeMiB}}
     INFO
   '';
 } ''

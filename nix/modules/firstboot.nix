@@ -1,13 +1,37 @@
 # The per-host seed and the first boot: systemd units running the `nix-dabei` program.
-#   nix-dabei-seed      before sshd: host key, root's authorized keys and flake from the seed partition
+#   nix-dabei-seed      every boot, before sshd: a new seed is applied (host key, root's authorized keys,
+#                       flake), recorded and wiped; a seed already applied (wipe failed) is only wiped
 #   nix-dabei-network   every boot, before networkd: the uplink file from the persisted instance data
 #   nix-dabei-firstboot after network-online, while /var/lib/nix-dabei/pending exists: metadata, network,
 #                       nixos-rebuild switch --flake <flake>#<hostname> with retries; status.json throughout
+#   nix-dabei-watchdog  at boot, while a switch waits for the deployer's confirmation (confirm.json): rolls
+#                       it back when its window ends unconfirmed (a reboot ended the transient watchdog
+#                       `nix-dabei apply --confirm-seconds` had started with systemd-run)
 { config, lib, pkgs, ... }:
 let
   cfg = config.nix-dabei.firstboot;
   program = lib.getExe cfg.package;
   stateDir = "/var/lib/nix-dabei";
+  # The host's identity, written by `nix-dabei seed` (dabei_firstboot/config.py: HOST_KEY,
+  # ROOT_AUTHORIZED_KEYS) on safe/var: rolling local/root back to its blank snapshot keeps it.
+  sshDir = "${stateDir}/ssh";
+  systemctl = "${config.systemd.package}/bin/systemctl";
+  # nixos-rebuild runs switch-to-configuration in a transient unit (systemd-run
+  # --unit=nixos-rebuild-switch-to-configuration, some releases with a suffix) that keeps running when
+  # the rebuild is killed after its timeout; another switch under that name fails to start. Wait for it to
+  # end and clear a failed one before each attempt (the program bounds this by rebuildTimeoutSeconds).
+  waitForSwitch = pkgs.writeShellScript "nix-dabei-wait-for-switch" ''
+    while ${systemctl} is-active --quiet 'nixos-rebuild-switch-to-configuration*.service'; do sleep 5; done
+    ${systemctl} reset-failed 'nixos-rebuild-switch-to-configuration*.service' 2>/dev/null || true
+  '';
+  # The confirmation watchdog of an in-place switch, outside the SSH session that runs `nix-dabei apply`: a
+  # transient unit has no file in /etc/systemd/system, so switch-to-configuration (which stops, starts and
+  # restarts the units whose files differ between the old and the new system) leaves it running; it
+  # survives the deployer's disconnect and rolls back with the previous generation's own
+  # switch-to-configuration (absolute store paths: a transient unit's PATH is minimal).
+  watchdogCommand = [ "${config.systemd.package}/bin/systemd-run" "--unit=nix-dabei-watchdog-{token}"
+    "--description=nix-dabei: roll back switch {token} unless confirmed" "--collect" "--quiet"
+    "--property=KillMode=process" program "watchdog" "--token" "{token}" ];
   programConfig = {
     root = "/";
     metadata_url = cfg.metadataUrl;
@@ -23,6 +47,15 @@ let
     journal_command = [ "${config.systemd.package}/bin/journalctl" "--unit=nix-dabei-firstboot.service"
       "--unit=nix-dabei-seed.service" "--lines=80" "--no-pager" "--output=short-iso" ];
     network_reload_command = [ "${config.systemd.package}/bin/networkctl" "reload" ];
+    switch_wait_command = [ "${waitForSwitch}" ];
+    # `nix-dabei grow` (zfs-image.nix) expands this pool after its partition.
+    grow_pool = config.nix-dabei.image.poolName or null;
+    # What `nixos-rebuild switch --rollback` runs, to the generation recorded before the switch
+    # (nixpkgs pkgs/by-name/ni/nixos-rebuild-ng/src/nixos_rebuild/nix.py: rollback, switch_to_configuration).
+    switch_generation_command = [ "${config.nix.package}/bin/nix-env" "--profile" "/nix/var/nix/profiles/system"
+      "--switch-generation" "{generation}" ];
+    activate_command = [ "{system}/bin/switch-to-configuration" "switch" ];
+    watchdog_command = watchdogCommand;
   };
   # Upper bound of one first-boot run: every metadata and rebuild attempt plus the waits between them.
   worstCaseSeconds =
@@ -121,30 +154,40 @@ in
     services.openssh = {
       enable = true;
       # Only the ed25519 key: the seed provides it, so sshd never generates one the installer does not know.
-      hostKeys = [ { type = "ed25519"; path = "/etc/ssh/ssh_host_ed25519_key"; } ];
+      hostKeys = [ { type = "ed25519"; path = "${sshDir}/ssh_host_ed25519_key"; } ];
+      # Root's keys from the seed; %u keeps every other user to their own (empty) file. Appended to the
+      # module's defaults (a list option: nixos/modules/services/networking/ssh/sshd.nix).
+      authorizedKeysFiles = [ "${sshDir}/authorized_keys.d/%u" ];
       settings.PermitRootLogin = lib.mkDefault "prohibit-password";
       settings.PasswordAuthentication = lib.mkDefault false;
     };
 
-    systemd.tmpfiles.rules = [ "d ${stateDir} 0755 root root -" ];
+    systemd.tmpfiles.rules = [ "d ${stateDir} 0755 root root -" "d ${sshDir} 0755 root root -" ];
 
     systemd.services.nix-dabei-seed = common // {
       description = "Apply the nix-dabei per-host seed (host key, authorized keys, flake)";
       wantedBy = [ "multi-user.target" "sshd.service" ];
       # sshd-keygen.service: where a NixOS release generates missing host keys outside sshd.service.
       before = [ "sshd.service" "sshd-keygen.service" ];
+      # No condition: the partition's content decides (a seed whose wipe failed is wiped on a later boot).
+      # nix-dabei-grow (zfs-image.nix) is ordered after this unit: it rewrites the GPT read here.
       after = [ "local-fs.target" "systemd-udev-settle.service" ];
-      unitConfig.ConditionPathExists = "!${stateDir}/seed.json";
       serviceConfig = oneshot // { ExecStart = "${program} seed"; };
     };
 
+    # Early-boot unit: default dependencies would order it after basic.target, and networkd (which has
+    # none) would wait for all of that on every boot. Only /var (local-fs) is needed.
     systemd.services.nix-dabei-network = common // {
       description = "Configure the uplink from the nix-dabei instance data";
-      wantedBy = [ "multi-user.target" ];
-      before = [ "systemd-networkd.service" "network-pre.target" ];
+      wantedBy = [ "systemd-networkd.service" "multi-user.target" ];
+      before = [ "systemd-networkd.service" "network-pre.target" "shutdown.target" ];
       wants = [ "network-pre.target" ];
       after = [ "local-fs.target" ];
-      unitConfig.ConditionPathExists = "${stateDir}/instance-data.json";
+      conflicts = [ "shutdown.target" ];
+      unitConfig = {
+        DefaultDependencies = false;
+        ConditionPathExists = "${stateDir}/instance-data.json";
+      };
       serviceConfig = oneshot // { ExecStart = "${program} network"; };
     };
 
@@ -166,6 +209,25 @@ in
       serviceConfig = oneshot // {
         ExecStart = "${program} firstboot";
         TimeoutStartSec = toString (builtins.ceil worstCaseSeconds);
+      };
+    };
+
+    # A reboot during a confirmation window ends the transient watchdog, and the boot loader's default is
+    # the unconfirmed generation: watch it again (it rolls back at once when the window is over).
+    systemd.services.nix-dabei-watchdog = common // {
+      description = "nix-dabei: roll back an unconfirmed switch";
+      wantedBy = [ "multi-user.target" ];
+      after = [ "local-fs.target" "nix-daemon.socket" ];
+      unitConfig = {
+        ConditionPathExists = "${stateDir}/confirm.json";
+        X-StopOnRemoval = false;
+      };
+      path = [ config.nix.package config.systemd.package ];
+      serviceConfig = {
+        Type = "simple";
+        ExecStart = "${program} watchdog";
+        # The rollback's switch-to-configuration may stop this unit's dependencies: keep its own process.
+        KillMode = "process";
       };
     };
   };

@@ -34,7 +34,7 @@ in
       readOnly = true;
       description = ''
         The instance data, normalised by `nix/lib/instance-data.nix`:
-        `{ hostname, macAddress, ipv4Dhcp, ipv6 = { address, prefixLength, gateway, nameservers } or null, ... }`,
+        `{ hostname, hostName, domain, macAddress, ipv4Dhcp, ipv6 = { address, prefixLength, gateway, nameservers } or null, ... }`,
         or null when no instance data is given.
       '';
     };
@@ -42,6 +42,9 @@ in
 
   config = {
     nix-dabei.instance = source;
-    networking.hostName = lib.mkIf (source != null) (lib.mkDefault source.hostname);
+    # networking.hostName is one DNS label (nixos/modules/tasks/network-interfaces.nix): a fully qualified
+    # server name gives its first label, and the rest becomes networking.domain.
+    networking.hostName = lib.mkIf (source != null) (lib.mkDefault source.hostName);
+    networking.domain = lib.mkIf (source != null && source.domain != null) (lib.mkDefault source.domain);
   };
 }

@@ -68,14 +68,14 @@ pkgs.testers.runNixOSTest {
   testScript = ''
     machine.start()
     machine.wait_for_unit("nix-dabei-seed.service")
-    machine.succeed("cmp /etc/ssh/ssh_host_ed25519_key.pub /etc/nix-dabei-test/host_key.pub")
-    machine.succeed("grep -q ops@example /root/.ssh/authorized_keys")
+    machine.succeed("cmp /var/lib/nix-dabei/ssh/ssh_host_ed25519_key.pub /etc/nix-dabei-test/host_key.pub")
+    machine.succeed("grep -q ops@example /var/lib/nix-dabei/ssh/authorized_keys.d/root")
     machine.wait_until_succeeds(
         "jq -e '.phase == \"converged\"' /var/lib/nix-dabei/status.json", timeout=300
     )
     machine.succeed("test ! -e /var/lib/nix-dabei/pending")
     machine.succeed("grep -qx 'github:example/hosts installer-test' /var/lib/nix-dabei/rebuild-args")
-    machine.succeed("grep -q 'MACAddress=${mac}' /run/systemd/network/10-nix-dabei-uplink.network")
+    machine.succeed("grep -q 'PermanentMACAddress=${mac}' /run/systemd/network/10-nix-dabei-uplink.network")
     machine.wait_until_succeeds("ip -6 addr show | grep -q 2a01:4f8:c0c:7bc5::1", timeout=60)
     machine.succeed("nix-dabei status | jq -e '.status.hostname == \"installer-test\"'")
     # The seed was wiped: the partition holds only zeros now.

@@ -19,6 +19,8 @@ let
     (expect "older gateway from route" older.ipv6.gateway "fe80::1")
     (expect "older mac from eth0" older.macAddress "96:00:01:79:bc:40")
     (expect "networkd" (lib.networkdNetwork older).routes [ { Gateway = "fe80::1"; GatewayOnLink = true; } ])
+    (expect "gateway zone dropped" (lib.normalizeIPv6 "gateway" "FE80::1%enp1s0") "fe80::1")
+    (expect "fqdn" (lib.splitHostname "web-1.example.com") { hostname = "web-1.example.com"; hostName = "web-1"; domain = "example.com"; })
   ];
 in
 pkgs.runCommand "nix-dabei-instance-data-check" { } ''

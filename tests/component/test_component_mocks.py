@@ -15,6 +15,9 @@ from dabei_component.keys import generate_ssh_keypair
 DEPLOY = generate_ssh_keypair()
 HOST_KEYS = {n: generate_ssh_keypair() for n in ("web-1", "web-2")}
 USER_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl admin@example"
+LAPTOP = generate_ssh_keypair("me@laptop")
+# What pulumi-hcloud's getSshKeys returns for the project's one key.
+PROJECT_KEY = {"id": 31, "name": "laptop", "publicKey": LAPTOP.public, "fingerprint": "00:11", "labels": {}}
 
 
 class RecordingMocks(pulumi.runtime.Mocks):
@@ -32,21 +35,24 @@ class RecordingMocks(pulumi.runtime.Mocks):
         if args.typ == "hcloud:index/sshKey:SshKey":
             outs["name"] = args.name
             return "99", outs
-        if args.typ == "pulumi-python:dynamic:Resource" and "host_names" in args.inputs:
-            names = args.inputs["host_names"]
+        if args.typ == "pulumi-python:dynamic:Resource" and args.name.endswith("-keys"):
             outs.update(
                 deploy_public_key=DEPLOY.public,
                 deploy_private_key=DEPLOY.private_openssh,
-                host_public_keys={n: HOST_KEYS[n].public for n in names},
-                host_private_keys={n: HOST_KEYS[n].private_openssh for n in names},
+                host_public_keys={},
+                host_private_keys={},
             )
+        if args.typ == "pulumi-python:dynamic:Resource" and "host" in args.inputs:
+            pair = HOST_KEYS[args.inputs["host"]]
+            outs.update(public_key=pair.public, private_key=pair.private_openssh)
         if args.typ == "pulumi-python:dynamic:Resource" and isinstance(args.inputs.get("hosts"), dict):
             outs["hosts"] = {n: {**h, "system": f"/nix/store/x-{n}"} for n, h in args.inputs["hosts"].items()}
         return f"{args.name}-id", outs
 
     def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict[str, Any], list[Any]]:
         self.calls.append(args)
-        return {"publicKey": "ssh-ed25519 AAAA-from-hetzner", "name": args.args["name"]}, []
+        assert args.token == "hcloud:index/getSshKeys:getSshKeys", args.token
+        return {"id": "keys", "sshKeys": [PROJECT_KEY]}, []
 
     def by_name(self, name: str) -> pulumi.runtime.MockResourceArgs:
         return next(r for r in self.resources if r.name == name)
@@ -96,9 +102,19 @@ def test_resource_graph_types_and_parents() -> None:
     assert types["prod-web-1"] == "nix-dabei:index:Host"
     assert types["prod-web-2"] == "nix-dabei:index:Host"
     assert types["prod-deploy"] == "hcloud:index/sshKey:SshKey"
-    assert types["prod-user-0"] == "hcloud:index/sshKey:SshKey"
+    # The pasted key the project does not hold is uploaded, named after its fingerprint.
+    uploaded = [n for n, t in types.items() if t == "hcloud:index/sshKey:SshKey" and n != "prod-deploy"]
+    assert len(uploaded) == 1 and uploaded[0].startswith("prod-key-"), uploaded
     dynamic = sorted(n for n, t in types.items() if t == "pulumi-python:dynamic:Resource")
-    assert dynamic == ["prod-firstboot", "prod-image", "prod-install", "prod-keys", "prod-rescue"]
+    assert dynamic == [
+        "prod-firstboot",
+        "prod-image",
+        "prod-install",
+        "prod-keys",
+        "prod-rescue",
+        "prod-web-1-hostkey",
+        "prod-web-2-hostkey",
+    ]
     # Two hcloud servers, named after the hosts, each a child of its Host component.
     servers = [r for r in mocks.resources if r.typ == "hcloud:index/server:Server"]
     assert sorted(r.inputs["name"] for r in servers) == ["web-1", "web-2"]
@@ -106,6 +122,7 @@ def test_resource_graph_types_and_parents() -> None:
     assert mocks.monitor is not None
     parents = mocks.monitor.parents
     assert parents["prod-web-1-server"] == "prod-web-1"
+    assert parents["prod-web-1-hostkey"] == "prod-web-1"
     for child in ("prod-web-1", "prod-web-2", "prod-keys", "prod-deploy", "prod-image", "prod-rescue", "prod-install"):
         assert parents[child] == "prod", child
     assert parents["prod-firstboot"] == "prod"
@@ -122,10 +139,11 @@ def test_host_steps_get_every_host_in_one_resource() -> None:
     assert web1["disk"] == "/dev/sda"
     assert web1["host_public_key"] == HOST_KEYS["web-1"].public
     # Root's keys: the deploy key, the Hetzner key looked up by name, and the literal public key.
-    assert web1["authorized_keys"] == [DEPLOY.public, "ssh-ed25519 AAAA-from-hetzner", USER_KEY]
+    assert web1["authorized_keys"] == [DEPLOY.public, LAPTOP.public, USER_KEY]
     assert rescue["hosts"]["web-2"]["reinstall"] == "never"
     assert rescue["rescue_ssh_key_ids"] == [99]
-    assert [c.args["name"] for c in mocks.calls] == ["laptop"]
+    # One read of the project's keys for the whole fleet.
+    assert [c.token for c in mocks.calls] == ["hcloud:index/getSshKeys:getSshKeys"]
     install = mocks.by_name("prod-install").inputs
     assert install["host_private_keys"] == {n: k.private_openssh for n, k in HOST_KEYS.items()}
 
@@ -181,7 +199,9 @@ def test_preview_with_unknown_server_ids_does_not_fail() -> None:
         ({"firewall_ids": [-1]}, "hosts[0].firewall_ids"),
         ({"disk": "/dev/sda1; rm -rf /"}, "hosts[0].disk"),
         ({"disk": "sda"}, "hosts[0].disk"),
-        ({"reinstall": "always"}, "hosts[0].reinstall"),
+        ({"reinstall": "on-image-change"}, "hosts[0].reinstall"),
+        ({"reinstall": "next week"}, "hosts[0].reinstall"),
+        ({"reinstall": ""}, "hosts[0].reinstall"),
         ({"name": "web-2"}, "hosts[1].name"),
     ],
 )
@@ -203,3 +223,36 @@ def test_non_positive_deadline_is_rejected(seconds: Any) -> None:
 def test_empty_fleet_is_rejected() -> None:
     with pytest.raises(InvalidArgs, match="hosts"):
         Fleet("prod", FleetArgs(hosts=[], image=ImageArgs(flake="github:o/r")))
+
+
+def test_key_plan_reuses_keys_by_fingerprint_and_keeps_the_fleets_own_upload() -> None:
+    """Pasted keys resolve by fingerprint: a key the project holds (under any name, with any comment) is
+    used; one uploaded by another fleet too; one this fleet uploaded stays its upload; a missing name or ID
+    is a problem naming the entry."""
+    from dabei_component.component import OWNER_LABEL, ProjectKey, plan_user_keys
+    from dabei_component.keys import read_public_key
+
+    held, theirs, ours, fresh = (generate_ssh_keypair(c) for c in ("a@x", "b@x", "c@x", "d@x"))
+    md5 = {k.public: read_public_key(k.public).md5 for k in (held, theirs, ours, fresh)}  # type: ignore[union-attr]
+    project = [
+        ProjectKey(1, "laptop (old)", held.public, md5[held.public], {}),
+        ProjectKey(2, "other-fleet-key", theirs.public, md5[theirs.public], {OWNER_LABEL: "another"}),
+        ProjectKey(3, "prod-key-x", ours.public, md5[ours.public], {OWNER_LABEL: "mine"}),
+    ]
+    bare = " ".join(held.public.split()[:2])
+    hosts = [
+        HostArgs(name="a", server_type="cx22", location="fsn1", flake="github:o/r",
+                 ssh_keys=[f"  {bare}  other comment ", theirs.public, ours.public, fresh.public]),
+        HostArgs(name="b", server_type="cx22", location="fsn1", flake="github:o/r",
+                 ssh_keys=[bare, "laptop (old)", 1, fresh.public.replace(" d@x", " other@host"), "nope", 99]),
+    ]  # fmt: skip
+    plan = plan_user_keys(hosts, project, owner="mine")
+    assert plan.server_keys["a"] == [1, 2, md5[ours.public], md5[fresh.public]]
+    # The name, the ID and the pasted key are one key: listed once.
+    assert plan.server_keys["b"] == [1, md5[fresh.public]]
+    assert plan.upload == {
+        md5[ours.public]: " ".join(ours.public.split()[:2]),
+        md5[fresh.public]: " ".join(fresh.public.split()[:2]),
+    }
+    assert plan.authorized["b"] == [bare, fresh.public.replace(" d@x", " other@host")]
+    assert [p for p, _ in plan.problems] == ["hosts[1].ssh_keys[4]", "hosts[1].ssh_keys[5]"]

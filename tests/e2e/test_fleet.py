@@ -15,7 +15,7 @@ import pytest
 
 from dabei_component.demo import SimHandle, demo_args
 from dabei_component.keys import public_key_of
-from dabei_component.localup import HCLOUD_SERVER, LocalEngine, Recorded, UpFailed
+from dabei_component.localup import HCLOUD_SERVER, LocalEngine, Recorded, UpFailed, generated_keys
 from dabei_component.program import declare
 from dabei_component.provider_server import ProviderServer
 from dabei_component.sim.client import ControlClient
@@ -41,7 +41,7 @@ async def host_status(ipv4: str, port: int, deploy_key: str, host_key: str) -> d
 
 
 def secrets_of(engine: LocalEngine, sim: SimHandle, fleet: str) -> list[str]:
-    keys = dynamic_state(engine, f"{fleet}-keys").outputs
+    keys = generated_keys(engine.state, fleet)
     found = [sim.token, keys["deploy_private_key"], *keys["host_private_keys"].values()]
     # Also the base64 body of each private key, in case something printed it without its armour.
     found += [line for k in found[1:] for line in k.splitlines() if len(line) > 40]
@@ -54,7 +54,7 @@ def test_three_servers_install_and_converge(
     args = demo_args(3, flake="github:example/infra?rev=1", ssh_port=sim.ssh_port, prefix="three")
     outputs = up(engine, args, "f3")
 
-    keys = dynamic_state(engine, "f3-keys").outputs
+    keys = generated_keys(engine.state, "f3")
     assert sorted(outputs["hosts"]) == ["three-1", "three-2", "three-3"]
     for name, host in outputs["hosts"].items():
         assert re.fullmatch(rf"/nix/store/[a-z0-9]{{32}}-nixos-system-{name}", host["system"]), host
@@ -80,12 +80,7 @@ def test_three_servers_install_and_converge(
     # The image was built, compressed and hashed once for the three hosts.
     assert log.count("image: building") == 1
     # No secret in the provider's output, nor in any non-secret output of any resource.
-    plain_state = json.dumps(
-        {
-            k: {o: v for o, v in r.outputs.items() if o not in ("deploy_private_key", "host_private_keys")}
-            for k, r in engine.state.items()
-        }
-    )
+    plain_state = json.dumps({k: r.plain_outputs() for k, r in engine.state.items()})
     for secret in secrets_of(engine, sim, "f3"):
         assert secret not in log
         assert secret not in plain_state

@@ -205,3 +205,16 @@ def run_cli(config: Path, *args: str, timeout: float = 120) -> subprocess.Comple
 
 def nix_available() -> bool:
     return shutil.which("nix") is not None and shutil.which("nix-instantiate") is not None
+
+
+def nix_eval(expr: str) -> Any:
+    """The JSON value of a Nix expression (`nix-instantiate --eval --strict --json`)."""
+    result = subprocess.run(
+        ["nix-instantiate", "--eval", "--strict", "--json", "--expr", expr],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)

@@ -7,28 +7,15 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 from dabei_firstboot import seed as seedlib
 from dabei_firstboot.metadata import instance_data
 
-from .conftest import NIX_OPTIONS, PROJECT, SHARED, older_layout
+from .conftest import NIX_OPTIONS, PROJECT, SHARED, nix_eval, older_layout
 
 NIX_FILES = sorted((PROJECT / "nix").rglob("*.nix"))
 INSTANCE_LIB = PROJECT / "nix" / "lib" / "instance-data.nix"
-
-
-def nix_eval(expr: str) -> Any:
-    result = subprocess.run(
-        ["nix-instantiate", "--eval", "--strict", "--json", "--expr", expr],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
 
 
 def test_there_are_nix_files() -> None:
@@ -47,6 +34,10 @@ def test_flake_lock_pins_nixpkgs() -> None:
     node = lock["nodes"]["nixpkgs"]["locked"]
     assert len(node["rev"]) == 40 and node["narHash"].startswith("sha256-")
     assert lock["nodes"]["root"]["inputs"] == {"nixpkgs": "nixpkgs"}
+    # The lock follows the branch flake.nix names, and nix/README.md states it as the supported release.
+    ref = lock["nodes"]["nixpkgs"]["original"]["ref"]
+    assert f'inputs.nixpkgs.url = "github:NixOS/nixpkgs/{ref}";' in (PROJECT / "nix" / "flake.nix").read_text()
+    assert f"**{ref}**" in (PROJECT / "nix" / "README.md").read_text()
 
 
 def test_instance_data_current_layout() -> None:
@@ -74,7 +65,7 @@ def test_instance_data_older_layout_and_networkd(tmp_path: Path) -> None:
     assert data["ipv6"]["gateway"] == "fe80::1"  # from the default route
     network = nix_eval(f"let l = import {INSTANCE_LIB}; in l.networkdNetwork (l.fromFile {path})")
     assert network == {
-        "matchConfig": {"MACAddress": "96:00:00:2b:1c:9e"},
+        "matchConfig": {"PermanentMACAddress": "96:00:00:2b:1c:9e"},
         "networkConfig": {"DHCP": "ipv4", "IPv6AcceptRA": False},
         "address": ["2a01:4f9:c010:8a3c::1/64"],
         "dns": ["2a01:4ff:ff00::add:1", "2a01:4ff:ff00::add:2"],
@@ -105,7 +96,7 @@ def test_instance_data_errors_are_clear(tmp_path: Path) -> None:
         text=True,
         check=False,
     )
-    assert result.returncode != 0 and "no mac_address" in result.stderr
+    assert result.returncode != 0 and "has no public IPv4 (dhcp) or IPv6 (static) subnet" in result.stderr
 
 
 def test_fixture_image_builds(tmp_path: Path) -> None:

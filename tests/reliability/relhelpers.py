@@ -23,7 +23,7 @@ from hcloud import Client
 from dabei_component.component import Deadlines, FleetArgs, HostArgs, ImageArgs
 from dabei_component.demo import FIXTURE_FLAKE, fixture_image_attr
 from dabei_component.imaging import OFFLINE_NIX_ARGS
-from dabei_component.localup import DYNAMIC, HCLOUD_SERVER, LocalEngine, Recorded
+from dabei_component.localup import DYNAMIC, HCLOUD_SERVER, LocalEngine, Recorded, generated_keys
 from dabei_component.program import declare
 from dabei_component.provider_server import ProviderServer
 from dabei_component.sim import Simulator
@@ -238,6 +238,9 @@ class Stack:
 
     def outputs(self, step: str) -> dict[str, Any]:
         return self.state[f"{DYNAMIC}::{self.name}-{step}"].outputs
+
+    def keys(self) -> dict[str, Any]:
+        return generated_keys(self.state, self.name)
 
     def hosts(self, step: str) -> dict[str, Any]:
         return self.outputs(step)["hosts"]

@@ -9,6 +9,8 @@ in-process with a response observer), so the tests also check that retries stay 
 from __future__ import annotations
 
 import fnmatch
+import re
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -60,7 +62,7 @@ class FaultsAfter:
 @pytest.mark.parametrize(
     ("method", "path", "fault"),
     [
-        # The budget is spent: 429 with RateLimit-Reset; the hcloud library and the wrapper back off.
+        # The budget is spent: 429 with RateLimit-Reset; the wrapper backs off (the library does not).
         ("POST", "/servers/*/actions/enable_rescue", {"status": 429, "code": "rate_limit_exceeded", "count": 2}),
         # Another action holds the server.
         ("POST", "/servers/*/actions/reset", {"code": "locked", "count": 3}),
@@ -87,8 +89,9 @@ def test_transient_api_errors_are_retried_and_up_succeeds(
     # Each injected error cost exactly one more request: retries, not a storm.
     assert statuses[fault["count"]] < 300, statuses
     assert sim.ratelimit()["remaining"] > 0
-    if fault["code"] not in ("rate_limit_exceeded", "bad_gateway"):  # those the hcloud library retries itself
-        assert f"{fault['code']}: injected fault: {fault['code']}; retrying in" in stack.log_text()
+    # Retried by the wrapper within the step's deadline (the hcloud library's own retries are off).
+    assert f"{fault['code']}: injected fault: {fault['code']}" in stack.log_text()
+    assert "; retrying in" in stack.log_text()
 
 
 def test_a_reset_with_unknown_outcome_is_not_repeated_and_a_rerun_finishes(
@@ -153,3 +156,29 @@ def test_an_action_slower_than_the_deadline_fails_at_the_deadline_and_a_rerun_wa
     stack.up(args)
     converged(stack)
     assert "enable rescue on server" in stack.log_text() and "locked" in stack.log_text()
+
+
+def test_a_spent_rate_limit_fails_the_step_by_its_deadline_naming_the_limit_and_its_reset(
+    sim: SimThread, new_stack: Callable[[], Stack]
+) -> None:
+    """The hourly budget is spent (429, `RateLimit-Reset` an hour away): the step ends by its deadline and
+    says so, instead of one call sitting in the hcloud library's own backoff past the deadline."""
+    stack = new_stack()
+    args = fleet_args(stack.name, ssh_port=sim.ssh_port, deadlines=Deadlines(rescue=6, install=180, firstboot=120))
+    spent = {"status": 429, "code": "rate_limit_exceeded", "reset_seconds": 3600, "seconds": 60}
+    faults = FaultsAfter(sim, "server", {"api": [{"method": "*", "path": "*", **spent}]})
+    started = time.monotonic()
+    with pytest.raises(UpFailed) as failed:
+        stack.up(args, before=faults)
+    took = time.monotonic() - started
+    text = str(failed.value)
+    name = stack.name + "-1"
+    assert f"rescue failed on 1 of 1 host(s):\n  {name}: enable rescue on server " in text
+    assert "rate_limit_exceeded: injected fault: rate_limit_exceeded; RateLimit-Reset says the budget is full" in text
+    assert re.search(r"UTC \(in 3[56]\d\d s\) \(still failing at the step's deadline\)", text), text
+    assert "not done within the step's deadline" not in text
+    # Within the deadline (and the engine's own work around it), not after five library backoffs.
+    assert took < 6 + 20, took
+    # The wrapper's backoff (1, 2, 4 s) within the 6 s: three or four attempts. The library's own retries
+    # would make six requests for the first call alone.
+    assert 2 <= len(answers_to(faults.answers(), "POST", "/servers/*/actions/enable_rescue")) <= 4

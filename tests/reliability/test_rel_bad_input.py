@@ -29,7 +29,7 @@ from dabei_component.provider_server import ProviderServer
 from dabei_component.steps.firstboot import FirstBootProvider
 from dabei_component.steps.image import ImageProvider
 from dabei_component.steps.install import InstallProvider
-from dabei_component.steps.keys import SshKeysProvider
+from dabei_component.steps.keys import HostKeyProvider
 from dabei_component.steps.rescue import RescueProvider
 
 URN = "urn:pulumi:test::nix-dabei::pulumi-python:dynamic:Resource::step"
@@ -98,7 +98,7 @@ def host(**overrides: Any) -> dict[str, Any]:
         "server_id": 42,
         "ipv4": "127.0.0.1",
         "image": "/nix/store/0000000000000000000000000000000a-image",
-        "reinstall": "on-image-change",
+        "reinstall": "2026-11-30",
         "disk": "/dev/sda",
         "flake": "github:example/infra",
         "hostname": "web-1",
@@ -183,7 +183,8 @@ BAD_STEP_INPUTS: dict[str, tuple[str, Callable[[dict[str, Any]], None], str, str
     "flake-missing": ("firstboot", drop_host_field("flake"), "hosts.web-1.flake", "required"),
     "disk-injection": ("install", set_host(disk="/dev/sda1; rm -rf /"), "hosts.web-1.disk", "whole-disk device"),
     "disk-relative": ("rescue", set_host(disk="sda"), "hosts.web-1.disk", "whole-disk device"),
-    "reinstall-unknown": ("rescue", set_host(reinstall="sometimes"), "hosts.web-1.reinstall", "on-image-change, never"),
+    "reinstall-old-policy": ("rescue", set_host(reinstall="on-image-change"), "hosts.web-1.reinstall", "is gone"),
+    "reinstall-not-an-id": ("rescue", set_host(reinstall="next week"), "hosts.web-1.reinstall", "request ID"),
     "authorized-keys-empty": ("install", set_host(authorized_keys=[]), "hosts.web-1.authorized_keys", "non-empty list"),
     "authorized-keys-string": (
         "install",
@@ -293,7 +294,13 @@ BAD_OTHER_INPUTS: dict[str, tuple[Callable[[], Any], dict[str, Any], str, str]] 
         "nix_args",
         "list of strings",
     ),
-    "keys-host-names-string": (SshKeysProvider, {"host_names": "web-1"}, "host_names", "list of host names"),
+    "host-key-host-not-a-name": (HostKeyProvider, {"host": "Web 1"}, "host", "not a valid hostname"),
+    "host-key-adopt-not-a-key": (
+        HostKeyProvider,
+        {"host": "web-1", "adopt_private_key": "x"},
+        "adopt_private_key",
+        "private key",
+    ),
 }
 
 
@@ -329,8 +336,24 @@ def test_unknown_server_types_and_locations_are_rejected_from_the_catalog(
     found = failures(catalog_checked, RescueProvider(), step_props("rescue", {"web-1": host(**{field: value})}))
     assert words in found[f"hosts.web-1.{field}"], found
     assert "cx22" in found[f"hosts.web-1.{field}"] or "fsn1" in found[f"hosts.web-1.{field}"]
+    assert list(found) == [f"hosts.web-1.{field}"], found
     # Only the read-only catalog, once per provider process.
     assert {(a.method, a.path) for a in sim.api.since(mark)} <= {("GET", "/server_types"), ("GET", "/locations")}
+
+
+@pytest.mark.parametrize(("server_type", "location"), [("cax11", "ash"), ("cax11", "sin"), ("cx22", "hil")])
+def test_a_server_type_its_location_does_not_offer_is_rejected_from_the_catalog(
+    sim: SimThread, catalog_checked: ProviderServer, server_type: str, location: str
+) -> None:
+    """CAX (Arm64) and CX types are offered in Hetzner's EU locations only; the API refuses them elsewhere
+    at create, after the other hosts' servers were created: the preview says so first."""
+    hosts = {"web-1": host(server_type=server_type, location=location)}
+    found = failures(catalog_checked, RescueProvider(), step_props("rescue", hosts))
+    reason = found["hosts.web-1.location"]
+    assert f"server type {server_type!r} is not offered in {location!r}" in reason, found
+    assert "it is offered in fsn1, hel1, nbg1" in reason
+    ok = {"web-1": host(server_type=server_type, location="hel1")}
+    assert failures(catalog_checked, RescueProvider(), step_props("rescue", ok)) == {}
 
 
 def config(**overrides: Any) -> dict[str, Any]:
@@ -350,25 +373,64 @@ def config(**overrides: Any) -> dict[str, Any]:
     return cfg
 
 
-BAD_CONFIG: dict[str, tuple[dict[str, Any], str]] = {
-    "server-type-number": ({"hosts.0.serverType": 22}, "nix-dabei:hosts[0].serverType"),
-    "ssh-keys-string": ({"hosts.0.sshKeys": "laptop"}, "nix-dabei:hosts[0].sshKeys"),
-    "labels-list": ({"hosts.0.labels": ["a"]}, "nix-dabei:hosts[0].labels"),
-    "deadline-string": ({"deadlines.install": "600"}, "nix-dabei:deadlines.install"),
-    "unknown-host-key": ({"hosts.0.sshkeys": ["laptop"]}, "nix-dabei:hosts[0].sshkeys"),
-    "hosts-object": ({"hosts": {"web-1": {}}}, "nix-dabei:hosts"),
-    "ssh-port-string": ({"ssh_port": "22"}, "nix-dabei:sshPort"),
-    "image-not-object": ({"image": "github:o/r"}, "nix-dabei:image"),
+QUOTE = "quote it in Pulumi.<stack>.yaml"
+# (overrides, config key named, words of the reason)
+BAD_CONFIG: dict[str, tuple[dict[str, Any], str, str]] = {
+    "server-type-number": (
+        {"hosts.0.serverType": 22},
+        "nix-dabei:hosts[0].serverType",
+        f"the number 22; {QUOTE} ('22')",
+    ),
+    "flake-bool": ({"hosts.0.flake": True}, "nix-dabei:hosts[0].flake", "the boolean true; " + QUOTE),
+    "ssh-keys-string": ({"hosts.0.sshKeys": "laptop"}, "nix-dabei:hosts[0].sshKeys", "expected a list"),
+    "ssh-key-bool": ({"hosts.0.sshKeys": [True]}, "nix-dabei:hosts[0].sshKeys[0]", f"key named 'true', {QUOTE}"),
+    "ssh-key-float": ({"hosts.0.sshKeys": [1.5]}, "nix-dabei:hosts[0].sshKeys[0]", "a key ID, got the number 1.5"),
+    "labels-list": ({"hosts.0.labels": ["a"]}, "nix-dabei:hosts[0].labels", "map of label names"),
+    "label-float": ({"hosts.0.labels": {"v": 1.10}}, "nix-dabei:hosts[0].labels.v", f"number 1.1; {QUOTE}"),
+    "firewall-id-word": ({"hosts.0.firewallIds": ["web"]}, "nix-dabei:hosts[0].firewallIds[0]", "firewall ID"),
+    "deadline-duration": ({"deadlines.install": "10m"}, "nix-dabei:deadlines.install", "number of seconds"),
+    "deadline-bool": ({"deadlines.install": True}, "nix-dabei:deadlines.install", "number of seconds"),
+    "unknown-host-key": ({"hosts.0.sshkeys": ["laptop"]}, "nix-dabei:hosts[0].sshkeys", "unknown key"),
+    "hosts-object": ({"hosts": {"web-1": {}}}, "nix-dabei:hosts", "non-empty list"),
+    "ssh-port-word": ({"ssh_port": "ssh"}, "nix-dabei:sshPort", "port number"),
+    "ssh-port-range": ({"ssh_port": 70000}, "nix-dabei:sshPort", "between 1 and 65535"),
+    "image-not-object": ({"image": "github:o/r"}, "nix-dabei:image", "expected an object"),
+    "nix-arg-object": ({"image.nixArgs": [{"a": 1}]}, "nix-dabei:image.nixArgs[0]", "expected a string"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_CONFIG))
 def test_wrong_types_in_stack_config_are_rejected_naming_the_key(case: str) -> None:
-    overrides, key = BAD_CONFIG[case]
+    overrides, key, words = BAD_CONFIG[case]
     cfg = config(**overrides)
     with pytest.raises(InvalidArgs) as exc:
         fleet_args_from_config(cfg["image"], cfg["hosts"], cfg["deadlines"], cfg["ssh_port"])
-    assert key in [p for p, _ in exc.value.problems], exc.value.problems
+    found = dict(exc.value.problems)
+    assert key in found, found
+    assert words in found[key], found[key]
+
+
+def test_typed_config_values_mean_what_was_typed() -> None:
+    """What `pulumi config set --path` stores for `123456`, `2`, `true`, and what a YAML file or a top-level
+    key (always a string) holds: each taken as the user meant it."""
+    cfg = config(
+        **{
+            "hosts.0.sshKeys": [123456, "My ssh key", "me@laptop"],
+            "hosts.0.labels": {"tier": 2, "managed": True, "off": False, "empty": ""},
+            "hosts.0.firewallIds": ["123", 456],
+            "deadlines": {"install": "600", "rescue": 900, "firstboot": "1.5e3"},
+            "image.nixArgs": ["--cores", 2, "--option", "sandbox", False],
+            "ssh_port": "2222",
+        }
+    )
+    args = fleet_args_from_config(cfg["image"], cfg["hosts"], cfg["deadlines"], cfg["ssh_port"])
+    host = args.hosts[0]
+    assert host.ssh_keys == [123456, "My ssh key", "me@laptop"]
+    assert host.labels == {"tier": "2", "managed": "true", "off": "false", "empty": ""}
+    assert host.firewall_ids == [123, 456]
+    assert (args.deadlines.install, args.deadlines.rescue, args.deadlines.firstboot) == (600.0, 900.0, 1500.0)
+    assert args.image.nix_args == ["--cores", "2", "--option", "sandbox", "false"]
+    assert args.ssh_port == 2222
 
 
 def test_the_config_the_bad_cases_start_from_is_valid() -> None:

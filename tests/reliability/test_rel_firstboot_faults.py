@@ -127,5 +127,5 @@ def test_an_installed_host_with_another_host_key_is_refused(sim: SimThread, new_
     text = str(failed.value)
     name = stack.name + "-1"
     assert f"firstboot failed on 1 of 1 host(s):\n  {name}: refusing the host: ssh root@" in text
-    generated = stack.outputs("keys")["host_public_keys"][name]
+    generated = stack.keys()["host_public_keys"][name]
     assert f"presented another host key than the pinned {fingerprint(generated)}" in text

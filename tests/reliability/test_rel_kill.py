@@ -112,7 +112,7 @@ def test_killed_provider_then_rerun_converges_without_redoing_work(
         sim.api.listeners.clear()
     wait_for_server_record(stack)
     server_ids = {r.id for k, r in stack.state.items() if k.startswith(SERVER)}
-    keys_before = stack.outputs("keys")
+    keys_before = stack.keys()
     durations({})
 
     outputs = stack.up(args)
@@ -121,8 +121,8 @@ def test_killed_provider_then_rerun_converges_without_redoing_work(
     assert host["system"] and outputs["hosts"][name]["system"] == host["system"]
     # The same server and the same identities: nothing recorded before the kill was lost or redone.
     assert {r.id for k, r in stack.state.items() if k.startswith(SERVER)} == server_ids
-    assert stack.outputs("keys")["host_public_keys"] == keys_before["host_public_keys"]
-    assert stack.outputs("keys")["deploy_public_key"] == keys_before["deploy_public_key"]
+    assert stack.keys()["host_public_keys"] == keys_before["host_public_keys"]
+    assert stack.keys()["deploy_public_key"] == keys_before["deploy_public_key"]
     assert [s["name"] for s in sim.control("GET", "/servers")["servers"]].count(name) == 1
     rerun = stack.log_text()
     assert rerun.count(f"[{name}] install: writing the image") == kill.writes_after

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dabei_firstboot.config import HOST_KEY
 from hcloud import Client
 from hcloud.servers import Server
 from relhelpers import DYNAMIC, SimThread, Stack, fleet_args
@@ -26,7 +27,7 @@ def urn(key: str) -> str:
 
 
 async def host_status(stack: Stack, name: str) -> dict[str, Any]:
-    keys = stack.outputs("keys")
+    keys = stack.keys()
     host = stack.hosts("firstboot")[name]
     conn, _ = await connect(
         host["ipv4"],
@@ -47,7 +48,7 @@ def test_deleting_every_step_twice_succeeds_and_leaves_the_host_alone(
     stack.up(fleet_args(stack.name, ssh_port=sim.ssh_port))
     name = stack.name + "-1"
     steps = {k: r for k, r in stack.state.items() if k.startswith(DYNAMIC)}
-    assert len(steps) == 5  # keys, image, rescue, install, firstboot
+    assert len(steps) == 6  # keys, the host's key, image, rescue, install, firstboot
 
     server = stack.provider()
     mark = sim.api.mark()
@@ -74,24 +75,24 @@ def test_refresh_of_a_host_reinstalled_behind_our_back_reports_drift(
     server = stack.provider()
     try:
         # A refresh of the untouched host: what it runs, no drift.
-        fresh = server.read(urn(key), recorded.id, recorded.outputs)["hosts"][name]
+        fresh = server.read(urn(key), recorded.id, recorded.outputs)[0]["hosts"][name]
         assert fresh["system"] == recorded.outputs["hosts"][name]["system"]
         assert fresh.get("drift") is None
 
         # Someone reinstalls the server: it comes back with another host key.
         server_id = int(recorded.outputs["hosts"][name]["server_id"])
-        host_key = Path(sim.server(server_id)["machine"]["rootfs"]) / "etc/ssh/ssh_host_ed25519_key"
+        host_key = Path(sim.server(server_id)["machine"]["rootfs"]) / HOST_KEY
         other = generate_ssh_keypair()
         host_key.write_text(other.private_openssh)
         os.chmod(host_key, 0o600)
         client = Client(token=sim.token, api_endpoint=sim.endpoint, poll_interval=0.2)
         client.servers.reboot(Server(id=server_id)).wait_until_finished()
 
-        drifted = server.read(urn(key), recorded.id, recorded.outputs)["hosts"][name]
+        drifted = server.read(urn(key), recorded.id, recorded.outputs)[0]["hosts"][name]
     finally:
         server.close()
     assert drifted.get("system") is None
-    generated = stack.outputs("keys")["host_public_keys"][name]
+    generated = stack.keys()["host_public_keys"][name]
     assert f"presented another host key than the pinned {fingerprint(generated)}" in drifted["drift"]
     # The read reports; it neither fails nor changes the recorded inputs.
     assert drifted["flake"] == recorded.outputs["hosts"][name]["flake"]

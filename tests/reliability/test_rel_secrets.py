@@ -18,8 +18,6 @@ import pytest
 from relhelpers import SimThread, Stack, fleet_args, when_created
 
 from dabei_component.localup import UpFailed
-from dabei_component.steps.install import SECRET_INPUTS as INSTALL_SECRETS
-from dabei_component.steps.keys import SECRET_OUTPUTS as KEY_SECRETS
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -47,7 +45,7 @@ def log_lines() -> Iterator[list[str]]:
 
 
 def secrets(sim: SimThread, stack: Stack) -> list[str]:
-    keys = stack.outputs("keys")
+    keys = stack.keys()
     private = [keys["deploy_private_key"], *keys["host_private_keys"].values()]
     # The base64 body of each private key too, in case something printed it without its armour.
     bodies = [line for key in private for line in key.splitlines() if len(line) > 40]
@@ -57,11 +55,7 @@ def secrets(sim: SimThread, stack: Stack) -> list[str]:
 
 def non_secret_state(stack: Stack) -> str:
     """The state as stored in plain text: every output but the ones marked secret (and the provider)."""
-    secret_fields = {*KEY_SECRETS, *INSTALL_SECRETS, "__provider"}
-    return json.dumps(
-        {key: {k: v for k, v in r.outputs.items() if k not in secret_fields} for key, r in stack.state.items()},
-        default=str,
-    )
+    return json.dumps({key: r.plain_outputs() for key, r in stack.state.items()}, default=str)
 
 
 def machine_logs(sim: SimThread) -> str:

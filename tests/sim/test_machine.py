@@ -462,7 +462,7 @@ async def test_installed_system_applies_the_seed_and_converges(installed: Machin
 
     # A reinstall (new image and seed, new host key) starts from an empty root filesystem; the simulator's
     # records stay, and a failure counter set before the boot applies to the new system.
-    (installed.rootfs / "etc/leftover").write_text("from the old system")
+    (installed.rootfs / "var/lib/leftover").write_text("from the old system")
     fail_counter = installed.rootfs / "var/lib/nix-dabei-sim/fail-rebuilds"
     fail_counter.write_text("1\n")
     new_host_key = asyncssh.generate_private_key("ssh-ed25519")
@@ -471,7 +471,7 @@ async def test_installed_system_applies_the_seed_and_converges(installed: Machin
     new_known_hosts = asyncssh.import_known_hosts(f"{installed.spec.ipv4} {public_line(new_host_key)}\n")
     status = await wait_for_phase(installed, client_key, new_known_hosts, {"converged", "failed"})
     assert status["status"]["phase"] == "converged" and status["status"]["attempt"] == 2
-    assert not (installed.rootfs / "etc/leftover").exists()
+    assert not (installed.rootfs / "var/lib/leftover").exists()
     assert int(fail_counter.read_text()) == 0
     rebuilds = (installed.rootfs / "var/lib/nix-dabei-sim/rebuilds.log").read_text().splitlines()
     assert rebuilds == [flake, flake + "-2"]

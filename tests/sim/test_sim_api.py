@@ -191,6 +191,26 @@ def test_invalid_input_names_the_fields(sim: Simulator, client: hcloud.Client) -
     assert selector.value.code == "invalid_input"
 
 
+def test_server_types_carry_their_locations_and_architecture(sim: Simulator, client: hcloud.Client) -> None:
+    """CAX (Arm64) and CX in Hetzner's EU locations only; CPX and CCX everywhere. Creating a type where it
+    is not offered fails with the real API's answer."""
+    eu, everywhere = {"fsn1", "nbg1", "hel1"}, {"fsn1", "nbg1", "hel1", "ash", "hil", "sin"}
+    types = {t.name: t for t in client.server_types.get_all()}
+    offered = {name: {loc.location.name for loc in t.locations or [] if loc.location} for name, t in types.items()}
+    assert offered["cax11"] == eu and types["cax11"].architecture == "arm"
+    assert offered["cx22"] == eu and types["cx22"].architecture == "x86"
+    assert offered["cpx11"] == everywhere and offered["ccx13"] == everywhere
+    assert {p["location"] for p in types["cax11"].prices or []} == eu
+    for server_type, location in [("cax11", "ash"), ("cax11", "sin"), ("cx22", "hil")]:
+        with pytest.raises(hcloud.APIException) as refused:
+            create_server(client, f"{server_type}-{location}", server_type=ServerType(name=server_type),
+                          location=Location(name=location))  # fmt: skip
+        assert (refused.value.code, refused.value.message) == ("invalid_input", "unsupported location for server type")
+    assert client.servers.get_all(name="cax11-ash") == []
+    arm = create_server(client, "cax11-hel1", server_type=ServerType(name="cax11"), location=Location(name="hel1"))
+    assert arm.server_type.architecture == "arm" and arm.image is not None and arm.image.architecture == "arm"
+
+
 def test_not_found_unauthorized_and_json_errors(sim: Simulator, client: hcloud.Client) -> None:
     for call in (
         lambda: client.servers.get_by_id(424242),

@@ -3,30 +3,32 @@
 from __future__ import annotations
 
 import argparse
-import fcntl
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+import time
 from pathlib import Path
 from typing import Any
 
+from . import grow as growlib
+from . import rollback
 from . import seed as seedlib
 from .config import (
     FLAKE_FILE,
+    HOST_KEY,
     PENDING_MARKER,
     PERSISTENT_INSTANCE_DATA,
     ROOT_AUTHORIZED_KEYS,
     RUNTIME_INSTANCE_DATA,
     SEED_RECORD,
-    SSH_DIR,
-    STATE_DIR,
     Config,
     ConfigError,
     load_config,
 )
+from .lock import BusyError, run_lock
 from .metadata import MetadataError, fetch_metadata, instance_data
 from .network import NetworkError, apply_network
 from .rebuild import RebuildError, current_system, run_rebuild
@@ -34,22 +36,6 @@ from .status import Log, StatusRecorder, now, read_boot_id, read_status, write_a
 
 # Block devices that never hold the installed system's disk.
 _SKIPPED_BLOCK_PREFIXES = ("loop", "ram", "zram", "sr", "dm-", "md", "nbd", "zd")
-
-
-class BusyError(Exception):
-    """Another nix-dabei run holds the lock."""
-
-
-@contextmanager
-def run_lock(config: Config) -> Iterator[None]:
-    path = config.path(f"{STATE_DIR}/lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BusyError(f"another nix-dabei run is in progress (lock {path} is held)") from None
-        yield
 
 
 def find_seed_device(config: Config) -> str:
@@ -70,37 +56,90 @@ def find_seed_device(config: Config) -> str:
     return found[0]
 
 
-def _merge_authorized_keys(path: Path, keys: list[str]) -> None:
-    existing = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
-    merged = list(dict.fromkeys(line.strip() for line in [*existing, *keys] if line.strip()))
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path.parent, 0o700)
-    write_atomic(path, ("\n".join(merged) + "\n").encode(), mode=0o600)
+# A torn read of the GPT (another unit rewriting it, the kernel re-reading it) is retried for this long.
+SEED_READ_ATTEMPTS = 10
+SEED_READ_PAUSE_SECONDS = 0.5
+SEED_WIPE_ATTEMPTS = 3
+
+
+def _read_seed(config: Config, log: Log, attempts: int) -> tuple[str, dict[str, Any]]:
+    """Find and decode the seed; SeedEmpty at once, other SeedErrors after ``attempts`` tries."""
+    for attempt in range(1, attempts + 1):
+        try:
+            device = find_seed_device(config)
+            return device, seedlib.read_seed(device)
+        except seedlib.SeedEmpty:
+            raise
+        except seedlib.SeedError as exc:
+            if attempt == attempts:
+                raise
+            log(f"reading the seed failed (attempt {attempt}/{attempts}), trying again: {exc}")
+            time.sleep(SEED_READ_PAUSE_SECONDS)
+    raise AssertionError("unreachable")
+
+
+def _wipe(device: str, log: Log) -> None:
+    for attempt in range(1, SEED_WIPE_ATTEMPTS + 1):
+        try:
+            seedlib.wipe_seed(device)
+            return
+        except seedlib.SeedError as exc:
+            if attempt == SEED_WIPE_ATTEMPTS:
+                raise
+            log(f"wiping the seed failed (attempt {attempt}/{SEED_WIPE_ATTEMPTS}), trying again: {exc}")
+            time.sleep(SEED_READ_PAUSE_SECONDS)
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def cmd_seed(config: Config, log: Log) -> int:
+    """Runs on every boot and decides by the partition's content: a new seed is applied, recorded and
+    wiped; a seed already recorded (an earlier wipe failed or was cut off) is only wiped; an empty
+    partition with a record is success."""
     record_path = config.path(SEED_RECORD)
+    applied = record_path.exists()
     try:
-        device = find_seed_device(config)
-        doc = seedlib.read_seed(device)
+        # Later boots read once: the partition table is only rewritten on the first boot (growing).
+        device, doc = _read_seed(config, log, 1 if applied else SEED_READ_ATTEMPTS)
     except seedlib.SeedEmpty:
-        if record_path.exists():
+        if applied:
             log("seed already applied; the seed partition is empty")
             return 0
         return _fail_seed(config, log, "the seed partition is empty and no seed was ever applied")
     except seedlib.SeedError as exc:
+        if applied:
+            # Nothing to apply on this boot; the status of the first boot stays as it is.
+            log(f"seed already applied; no seed partition to check: {exc}")
+            return 0
         return _fail_seed(config, log, f"cannot read the seed: {exc}")
+    fingerprint = seedlib.seed_fingerprint(doc)
+    if _read_record(record_path).get("fingerprint") == fingerprint:
+        log(f"the seed on {device} was applied before but not wiped; wiping it now")
+        try:
+            _wipe(device, log)
+        except seedlib.SeedError as exc:
+            return _fail_seed(config, log, f"wiping the applied seed failed (the next boot tries again): {exc}")
+        return 0
     status = StatusRecorder(config, "seed")
     try:
-        ssh = config.path(SSH_DIR)
         key = doc["host_key"]
-        write_atomic(ssh / "ssh_host_ed25519_key", (key["private"].strip() + "\n").encode(), mode=0o600)
-        write_atomic(ssh / "ssh_host_ed25519_key.pub", (key["public"].strip() + "\n").encode(), mode=0o644)
-        _merge_authorized_keys(config.path(ROOT_AUTHORIZED_KEYS), doc["authorized_keys"])
+        write_atomic(config.path(HOST_KEY), (key["private"].strip() + "\n").encode(), mode=0o600)
+        write_atomic(config.path(f"{HOST_KEY}.pub"), (key["public"].strip() + "\n").encode(), mode=0o644)
+        # The seed is the authority for root's keys: exactly its list (keys from the configuration are
+        # in /etc/ssh/authorized_keys.d, written by NixOS).
+        keys = "".join(line.strip() + "\n" for line in doc["authorized_keys"])
+        write_atomic(config.path(ROOT_AUTHORIZED_KEYS), keys.encode(), mode=0o600)
         write_atomic(config.path(FLAKE_FILE), (doc["flake"] + "\n").encode())
         record = {
             "applied_at": now(),
             "device": device,
+            "fingerprint": fingerprint,
             "flake": doc["flake"],
             "hostname": doc.get("hostname"),
             "host_key_public": key["public"].strip(),
@@ -109,13 +148,18 @@ def cmd_seed(config: Config, log: Log) -> int:
         }
         write_json(record_path, record)
         config.path(PENDING_MARKER).touch()
-        seedlib.wipe_seed(device)
-    except (OSError, seedlib.SeedError) as exc:
+    except OSError as exc:
         status.fail(f"applying the seed failed: {exc}")
         log(f"applying the seed failed: {exc}")
         return 1
     status.update(flake=doc["flake"], hostname=doc.get("hostname"))
     log(f"seed applied from {device}: host key, {len(doc['authorized_keys'])} authorized key(s), flake")
+    try:
+        _wipe(device, log)
+    except seedlib.SeedError as exc:
+        # Applied and recorded: the first boot goes on; the next boot finds the seed again and wipes it.
+        log(f"wiping the seed failed (the next boot tries again): {exc}")
+        return 1
     return 0
 
 
@@ -152,6 +196,27 @@ def _converge(config: Config, log: Log, fetch: bool, new_flake: str | None = Non
         return 1
 
 
+def _apply_confirmed(config: Config, log: Log, flake: str, window_seconds: float) -> int:
+    """The switch of `apply --confirm-seconds`: armed before, its window opened (or undone) after."""
+    try:
+        with run_lock(config):
+            try:
+                record = rollback.arm(config, log, window_seconds, flake)
+            except (rollback.RollbackError, OSError, subprocess.TimeoutExpired) as exc:
+                log(f"not switching: {exc}")
+                StatusRecorder(config, "failed").fail(f"not switching: {exc}")
+                return 1
+            write_atomic(config.path(FLAKE_FILE), (flake + "\n").encode())
+            config.path(PENDING_MARKER).touch()
+            code = _converge_locked(config, log, fetch=False)
+            error = None if code == 0 else (read_status(config) or {}).get("last_error")
+            rollback.after_switch(config, log, record, code == 0, error)
+            return code
+    except BusyError as exc:
+        log(str(exc))
+        return 1
+
+
 def _converge_locked(config: Config, log: Log, fetch: bool) -> int:
     """metadata (if ``fetch`` or none persisted) -> network -> rebuild; status file at every step."""
     status = StatusRecorder(config, "metadata", max_attempts=config.metadata_retries)
@@ -174,12 +239,12 @@ def _converge_locked(config: Config, log: Log, fetch: bool) -> int:
             data = json.loads(persisted.read_text(encoding="utf-8"))
         status.update(phase="network", hostname=data["hostname"], flake=flake)
         log(f"network: {apply_network(config, data)} for {data['mac_address']}")
-        system = run_rebuild(config, flake, data["hostname"], status, log)
+        system, failed_units = run_rebuild(config, flake, data["hostname"], status, log)
     except (MetadataError, NetworkError, RebuildError, OSError, ValueError, KeyError) as exc:
         status.fail(str(exc))
         log(f"failed: {exc}")
         return 1
-    status.update(phase="converged", system=system, last_error=None)
+    status.update(phase="converged", system=system, last_error=None, failed_units=failed_units)
     config.path(PENDING_MARKER).unlink(missing_ok=True)
     log(f"converged: {system}")
     return 0
@@ -202,7 +267,7 @@ def cmd_network(config: Config, log: Log) -> int:
         write_json(config.path(RUNTIME_INSTANCE_DATA), data)
         # Runs before networkd starts, which then reads the file itself.
         log(f"network: {apply_network(config, data, reload=False)} for {data['mac_address']}")
-    except (OSError, ValueError, KeyError, NetworkError) as exc:
+    except (OSError, ValueError, KeyError, NetworkError, MetadataError) as exc:
         log(f"network configuration from {persisted} failed: {exc}")
         return 1
     return 0
@@ -218,6 +283,9 @@ def status_report(config: Config, log: Log) -> dict[str, Any]:
         "boot_id": read_boot_id(config),
         "system": current_system(config),
         "journal": journal,
+        "generation": rollback.current_generation(config)[0],
+        "confirm": rollback.read_record(config),
+        "features": list(rollback.FEATURES),
     }
 
 
@@ -236,13 +304,56 @@ def cmd_status(config: Config, log: Log) -> int:
     return 0
 
 
-def cmd_apply(config: Config, log: Log, flake: str) -> int:
+def cmd_apply(config: Config, log: Log, flake: str, confirm_seconds: float | None) -> int:
     if not flake or any(c.isspace() for c in flake):
         print(f"nix-dabei apply: invalid flake reference {flake!r}", file=sys.stderr)
         return 2
-    code = _converge(config, log, fetch=False, new_flake=flake)
-    print(json.dumps(status_report(config, log), sort_keys=True))
+    if confirm_seconds is None:
+        code = _converge(config, log, fetch=False, new_flake=flake)
+    else:
+        # The deployer may go away mid-switch: the switch finishes, and the watchdog decides.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        code = _apply_confirmed(config, log, flake, confirm_seconds)
+    with contextlib.suppress(OSError):  # nobody may read the answer any more
+        print(json.dumps(status_report(config, log), sort_keys=True))
     return code
+
+
+def cmd_grow(config: Config, log: Log) -> int:
+    """Every boot, after `seed`: the ZFS partition and pool take the whole disk (see grow.py)."""
+    try:
+        disk = find_seed_device(config)
+        result = growlib.grow(disk, config.grow_pool)
+    except (seedlib.SeedError, growlib.GrowError) as exc:
+        log(f"grow: {exc}")
+        return 1
+    log(f"grow: {growlib.describe(disk, result)}")
+    return 0
+
+
+def cmd_authorized_keys(config: Config, log: Log) -> int:
+    """Replace root's authorized keys with the lines on stdin (one OpenSSH public key each), atomically.
+    The component sends the deploy key with the user's keys, so it can always log in again."""
+    keys = [line.strip() for line in sys.stdin.read().splitlines() if line.strip()]
+    bad = [line for line in keys if len(line.split()) < 2 or line.startswith("#")]
+    if not keys or bad:
+        print(f"nix-dabei authorized-keys: expected one public key per line, got {len(keys)} line(s)", file=sys.stderr)
+        return 2
+    path = config.path(ROOT_AUTHORIZED_KEYS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, ("\n".join(keys) + "\n").encode(), mode=0o600)
+    log(f"authorized-keys: root has {len(keys)} key(s)")
+    return 0
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 1 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"expected between 1 and 86400 seconds, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,8 +366,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("firstboot", help="metadata, network and rebuild, when the pending marker exists")
     sub.add_parser("network", help="configure the uplink from the persisted instance data")
     sub.add_parser("status", help="print the status as JSON")
+    sub.add_parser("grow", help="grow the ZFS partition and pool to the whole disk")
+    sub.add_parser("authorized-keys", help="replace root's authorized keys with the keys on stdin")
     apply = sub.add_parser("apply", help="switch to a flake and rebuild")
     apply.add_argument("--flake", required=True, help="flake reference, e.g. github:me/hosts")
+    apply.add_argument(
+        "--confirm-seconds",
+        type=_seconds,
+        help="roll back unless `nix-dabei confirm` comes within this many seconds of the switch",
+    )
+    confirm = sub.add_parser("confirm", help="confirm a switch started by `apply --confirm-seconds`")
+    confirm.add_argument("--token", required=True, help="the switch's token (`confirm.token` of apply's answer)")
+    back = sub.add_parser("rollback", help="return a switch that waits for confirmation to the generation before")
+    back.add_argument("--token", required=True, help="the switch's token")
+    back.add_argument("--reason", default="rolled back by the deployer", help="recorded with the rollback")
+    watchdog = sub.add_parser("watchdog", help="roll a switch back when it is not confirmed in time")
+    watchdog.add_argument("--token", help="the switch to watch (default: the recorded one, after a reboot)")
     return parser
 
 
@@ -276,7 +401,17 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_network(config, log)
     if args.command == "status":
         return cmd_status(config, log)
-    return cmd_apply(config, log, args.flake)
+    if args.command == "grow":
+        return cmd_grow(config, log)
+    if args.command == "authorized-keys":
+        return cmd_authorized_keys(config, log)
+    if args.command == "confirm":
+        return rollback.cmd_confirm(config, log, args.token)
+    if args.command == "rollback":
+        return rollback.cmd_rollback(config, log, args.token, args.reason)
+    if args.command == "watchdog":
+        return rollback.cmd_watchdog(config, log, args.token)
+    return cmd_apply(config, log, args.flake, args.confirm_seconds)
 
 
 if __name__ == "__main__":

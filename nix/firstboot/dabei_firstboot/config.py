@@ -4,14 +4,30 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 DEFAULT_CONFIG_PATH = "/etc/nix-dabei/config.json"
 CONFIG_ENV = "NIX_DABEI_CONFIG"
+# The only address Hetzner serves the metadata on, IPv6-only servers included: there is no IPv6 metadata
+# address, and servers without a public IPv4 still reach this one link-locally through the image's DHCPv4
+# network (coreos/afterburn, src/providers/hetzner/mod.rs, on cloud-init's try of fe80::a9fe:a9fe).
 DEFAULT_METADATA_URL = "http://169.254.169.254/hetzner/v1/metadata"
 DEFAULT_REBUILD_COMMAND = ("nixos-rebuild", "switch", "--flake", "{flake}#{hostname}")
+# A rollback does what `nixos-rebuild switch --rollback` does, to a generation named exactly: point the
+# system profile at it, then activate it with its own switch-to-configuration, which also installs the
+# boot loader with the profile's current generation as the default (nixpkgs
+# pkgs/by-name/ni/nixos-rebuild-ng/src/nixos_rebuild/nix.py: rollback(), switch_to_configuration()).
+DEFAULT_SWITCH_GENERATION_COMMAND = (
+    "nix-env",
+    "--profile",
+    "/nix/var/nix/profiles/system",
+    "--switch-generation",
+    "{generation}",
+)
+DEFAULT_ACTIVATE_COMMAND = ("{system}/bin/switch-to-configuration", "switch")
 
 # Paths relative to ``root``: the contract with the component and the simulator (docs/architecture.md).
 STATE_DIR = "var/lib/nix-dabei"
@@ -23,8 +39,16 @@ PERSISTENT_INSTANCE_DATA = f"{STATE_DIR}/instance-data.json"
 RUNTIME_INSTANCE_DATA = "run/nix-dabei/instance-data.json"
 LOG_FILE = "var/log/nix-dabei/firstboot.log"
 CURRENT_SYSTEM = "run/current-system"
-SSH_DIR = "etc/ssh"
-ROOT_AUTHORIZED_KEYS = "root/.ssh/authorized_keys"
+# The system profile: `system` -> `system-<N>-link` -> the store path of generation N.
+SYSTEM_PROFILE = "nix/var/nix/profiles/system"
+# The switch that waits for the deployer's confirmation (see rollback.py).
+CONFIRM_RECORD = f"{STATE_DIR}/confirm.json"
+# The host's identity lives on the persistent dataset (safe/var), not on local/root, so rolling the root
+# dataset back to its blank snapshot keeps the host key and root's keys (sshd is pointed here by
+# nix/modules/firstboot.nix).
+SSH_DIR = f"{STATE_DIR}/ssh"
+HOST_KEY = f"{SSH_DIR}/ssh_host_ed25519_key"
+ROOT_AUTHORIZED_KEYS = f"{SSH_DIR}/authorized_keys.d/root"
 NETWORKD_FILE = "run/systemd/network/10-nix-dabei-uplink.network"
 
 
@@ -48,6 +72,14 @@ class Config:
     boot_id_path: Path = Path("/proc/sys/kernel/random/boot_id")
     journal_command: tuple[str, ...] | None = None
     network_reload_command: tuple[str, ...] | None = ("networkctl", "reload")
+    switch_wait_command: tuple[str, ...] | None = None
+    # The ZFS pool `nix-dabei grow` expands after growing its partition; None: only the partition.
+    grow_pool: str | None = None
+    switch_generation_command: tuple[str, ...] = DEFAULT_SWITCH_GENERATION_COMMAND
+    activate_command: tuple[str, ...] = DEFAULT_ACTIVATE_COMMAND
+    # Starts the confirmation watchdog outside the SSH session ({token}: the switch's token; the argv of
+    # `nix-dabei watchdog` follows it). None: the program detaches the watchdog itself (new session).
+    watchdog_command: tuple[str, ...] | None = None
     source: str = field(default="(defaults)", compare=False)
 
     def path(self, relative: str) -> Path:
@@ -63,8 +95,22 @@ _FLOAT_KEYS = {
     "rebuild_backoff_seconds",
     "rebuild_timeout_seconds",
 }
-_ARGV_KEYS = {"rebuild_command", "journal_command", "network_reload_command"}
-_NULLABLE_ARGV_KEYS = {"journal_command", "network_reload_command"}
+_ARGV_KEYS = {
+    "rebuild_command",
+    "journal_command",
+    "network_reload_command",
+    "switch_wait_command",
+    "switch_generation_command",
+    "activate_command",
+    "watchdog_command",
+}
+_NULLABLE_ARGV_KEYS = {"journal_command", "network_reload_command", "switch_wait_command", "watchdog_command"}
+# Placeholders an argv must contain.
+_REQUIRED_PLACEHOLDERS = {
+    "rebuild_command": "{flake}",
+    "switch_generation_command": "{generation}",
+    "activate_command": "{system}",
+}
 
 
 def _argv(key: str, value: Any, source: str) -> tuple[str, ...] | None:
@@ -103,12 +149,17 @@ def config_from_dict(raw: Any, source: str) -> Config:
             if not isinstance(value, str) or not value.startswith(("http://", "https://")):
                 raise ConfigError(f"{source}: 'metadata_url' must be an http(s) URL, got {value!r}")
             values[key] = value
+        elif key == "grow_pool":
+            if value is not None and (not isinstance(value, str) or not re.fullmatch(r"[A-Za-z][\w.:-]*", value)):
+                raise ConfigError(f"{source}: 'grow_pool' must be a ZFS pool name or null, got {value!r}")
+            values[key] = value
         elif key == "seed_device":
             if not isinstance(value, str) or not (value == "auto" or value.startswith("/")):
                 raise ConfigError(f"{source}: 'seed_device' must be 'auto' or an absolute path, got {value!r}")
             values[key] = value
-    if "{flake}" not in " ".join(values.get("rebuild_command", DEFAULT_REBUILD_COMMAND)):
-        raise ConfigError(f"{source}: 'rebuild_command' must contain the '{{flake}}' placeholder")
+    for key, placeholder in _REQUIRED_PLACEHOLDERS.items():
+        if key in values and placeholder not in " ".join(values[key]):
+            raise ConfigError(f"{source}: '{key}' must contain the '{placeholder}' placeholder")
     return Config(**values)
 
 

@@ -1,8 +1,10 @@
-"""systemd-networkd configuration for the public interface, matched by the MAC address from the metadata.
+"""systemd-networkd configuration for the public interface, matched by the permanent MAC address from
+the metadata.
 
 The file goes to ``/run/systemd/network`` (networkd's runtime directory: ``/etc/systemd/network`` is
-read-only on NixOS). Its name sorts before the image's catch-all ``Type=ether`` DHCP network, so networkd
-applies it to the uplink, whatever the kernel named that interface.
+read-only on NixOS). Its name sorts before the image's catch-all virtio DHCP network, so networkd applies
+it to the uplink, whatever the kernel named that interface. ``PermanentMACAddress=`` (systemd.network(5))
+matches the NIC only, not bridges or VLANs that inherit its MAC.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import subprocess
 from typing import Any
 
 from .config import NETWORKD_FILE, Config
+from .metadata import normalize_ip, normalize_ipv6, normalize_mac, prefix_length
 from .status import write_atomic
 
 
@@ -19,21 +22,27 @@ class NetworkError(Exception):
 
 
 def render_networkd(data: dict[str, Any]) -> str:
+    """The .network file for the instance data. Addresses are normalized again, so instance data
+    persisted by an older version (a gateway with a zone, a MAC in upper case) is rendered right too;
+    raises MetadataUnusable naming the bad value."""
+    where = "instance data"
     lines = [
         "# Written by nix-dabei from the Hetzner instance metadata.",
         "[Match]",
-        f"MACAddress={data['mac_address']}",
+        f"PermanentMACAddress={normalize_mac(data['mac_address'], f'{where} mac_address')}",
         "",
         "[Network]",
         f"DHCP={'ipv4' if data['ipv4_dhcp'] else 'no'}",
     ]
     ipv6 = data.get("ipv6")
     if ipv6:
-        lines.append(f"Address={ipv6['address']}/{ipv6['prefix_length']}")
-        lines.extend(f"DNS={server}" for server in ipv6["nameservers"])
+        address = normalize_ipv6(ipv6["address"], f"{where} ipv6.address")
+        lines.append(f"Address={address}/{prefix_length(ipv6['prefix_length'], f'{where} ipv6.prefix_length')}")
+        lines.extend(f"DNS={normalize_ip(server, f'{where} ipv6.nameservers')}" for server in ipv6["nameservers"])
         # Hetzner routes IPv6 through a link-local gateway; router advertisements are not needed.
         lines.append("IPv6AcceptRA=no")
-        lines += ["", "[Route]", f"Gateway={ipv6['gateway']}", "GatewayOnLink=yes"]
+        gateway = normalize_ipv6(ipv6["gateway"], f"{where} ipv6.gateway")
+        lines += ["", "[Route]", f"Gateway={gateway}", "GatewayOnLink=yes"]
     return "\n".join(lines) + "\n"
 
 

@@ -7,6 +7,7 @@ the first boot reads it with ``read_seed`` and wipes it with ``wipe_seed``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -81,6 +82,13 @@ def _is_hostname(name: str) -> bool:
         and all(c.isascii() and (c.isalnum() or c == "-") for c in label)
         for label in labels
     )
+
+
+def seed_fingerprint(doc: dict[str, Any]) -> str:
+    """sha256 over the seed's public parts (the private key's public half stands for it): recorded when a
+    seed is applied, so a seed found again on a later boot (its wipe failed) is recognized and only wiped."""
+    public = {k: v for k, v in doc.items() if k != "host_key"} | {"host_key": doc["host_key"]["public"].strip()}
+    return hashlib.sha256(json.dumps(public, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def encode_seed(doc: dict[str, Any], size: int | None = None) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -59,6 +60,17 @@ def read_status(config: Config) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def patch_status(config: Config, **changes: Any) -> None:
+    """Change fields of the status file outside a run (a rollback); `finished_at` moves with the phase."""
+    doc = read_status(config) or {"version": STATUS_VERSION, "attempt": 0, "max_attempts": 1}
+    doc.update(changes)
+    doc["updated_at"] = now()
+    if changes.get("phase") in ("converged", "failed"):
+        doc["finished_at"] = doc["updated_at"]
+    doc["boot_id"] = read_boot_id(config)
+    write_json(config.path(STATUS_FILE), doc)
+
+
 class StatusRecorder:
     """Keeps the status document of one run and rewrites the file at every change."""
 
@@ -75,6 +87,8 @@ class StatusRecorder:
             "updated_at": stamp,
             "finished_at": None,
             "last_error": None,
+            # Units a converged switch reported as failed (it exited 4: switched, some units failed).
+            "failed_units": [],
             # What a previous run learned stays until this run learns better.
             "system": previous.get("system"),
             "flake": previous.get("flake"),
@@ -110,7 +124,9 @@ class Log:
 
     def __call__(self, message: str) -> None:
         line = f"{now()} {message}"
-        print(line, file=sys.stderr, flush=True)
+        # The SSH session that started the run may be gone: the run goes on, the file keeps the log.
+        with contextlib.suppress(OSError):
+            print(line, file=sys.stderr, flush=True)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as handle:
