@@ -1,12 +1,18 @@
-"""Fleet benchmark: 1, 4, 8 and 16 servers installed through the real dynamic provider server, to convergence.
+"""Fleet benchmark: 1, 4 and 16 servers installed through the real dynamic provider server, to convergence.
 
 Each run is a whole `pulumi up` of a fleet, as `python -m dabei_component demo` runs it: the simulator in
 its own process (real sshd per server, loop disks, the real first-boot program), the real components under
 the local engine, every step in the real provider server (`python -m pulumi.dynamic`) over gRPC, the image
-built with the real `nix build`. Runs are interleaved over the sizes (1, 4, 8, 16, 1, 4, ...) after one
+built with the real `nix build`. Runs are interleaved over the sizes (1, 4, 16, 1, 4, ...) after one
 warm-up run per size, so that drift on the machine hits every size alike.
 
-    python bench/fleet.py [--sizes 1,4,8,16] [--runs 5] [--scale 20] [--image-gib 0] [--json]
+    python bench/fleet.py [--sizes 1,4,16] [--runs 5] [--scale 20] [--image-mib 3072] [--uplink-mbit 100] [--json]
+
+The image is bench/write.py's 3 GiB test image (built by `nix build` of a throw-away flake; `--image-mib
+0`: the 64 MiB fixture image), and the simulator's uplink model limits what the deployer sends to all
+servers together to `--uplink-mbit` (0: unlimited); traffic between servers (the relay) is not limited.
+The deployer's bytes are counted by the simulator's uplink proxy (`GET /_sim/uplink`); with
+`--uplink-mbit 0` there is no proxy, and no bytes are counted.
 
 Simulator durations: what a Hetzner Cloud server takes (`REAL_SECONDS`) divided by `--scale`. The simulator
 boots a server at the end of its reset action, so `reset` is the whole reset-to-SSH time.
@@ -72,6 +78,8 @@ class RunResult:
     provider_peak_rss_mb: float
     compressions: int  # zstd compressions started by the provider server
     hosts_written: int  # hosts whose image was written and verified (provider log)
+    deployer_bytes: int  # bytes the deployer sent to servers (the simulator's uplink count)
+    server_bytes: int  # bytes servers sent to each other (relays)
 
     @property
     def cpu_total(self) -> float:
@@ -141,6 +149,7 @@ def run_fleet(
     ssh_port: int,
     durations: dict[str, float] | None,
     image: ImageArgs | None = None,
+    uplink_bits_per_second: float | None = None,
 ) -> RunResult:
     """One `up` of a fresh fleet in a fresh simulator; everything it started is stopped before returning.
 
@@ -151,10 +160,12 @@ def run_fleet(
     reap_orphans()
     cpu_before, engine_before = children_cpu(), self_cpu()
     with simulator(work / "sim", ssh_port) as sim:
+        headers = {"Authorization": f"Bearer {sim.token}"}
+        control = sim.endpoint.removesuffix("/v1") + "/_sim"
         if durations is not None:
-            headers = {"Authorization": f"Bearer {sim.token}"}
-            control = sim.endpoint.removesuffix("/v1") + "/_sim/durations"
-            requests.put(control, json=durations, headers=headers, timeout=10).raise_for_status()
+            requests.put(f"{control}/durations", json=durations, headers=headers, timeout=10).raise_for_status()
+        uplink_settings = {"bits_per_second": uplink_bits_per_second, "reset_counters": True}
+        requests.put(f"{control}/uplink", json=uplink_settings, headers=headers, timeout=10).raise_for_status()
         server = ProviderServer(project="nix-dabei", log_path=work / "provider.log", env=env)
         try:
             server.configure(provider_config(sim))
@@ -168,6 +179,7 @@ def run_fleet(
             outputs = engine.up(lambda: declare(args))
             up_seconds = time.monotonic() - started
             rss = peak_rss_mb(server.pid)
+            uplink = requests.get(f"{control}/uplink", headers=headers, timeout=10).json()["uplink"]
         finally:
             server.close()
         cpu_provider_done = children_cpu()
@@ -186,6 +198,8 @@ def run_fleet(
         provider_peak_rss_mb=rss,
         compressions=count_compressions(zstd_log),
         hosts_written=len(re.findall(r"install: image verified on disk", log)),
+        deployer_bytes=uplink["deployer_bytes"],
+        server_bytes=uplink["server_bytes"],
     )
 
 
@@ -203,11 +217,14 @@ def machine_description() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="1,4,8,16", help="fleet sizes, comma-separated (default 1,4,8,16)")
+    parser.add_argument("--sizes", default="1,4,16", help="fleet sizes, comma-separated (default 1,4,16)")
     parser.add_argument("--runs", type=int, default=5, help="measured runs per size after one warm-up (default 5)")
     parser.add_argument("--scale", type=float, default=20.0, help="real durations divided by this (default 20)")
     parser.add_argument(
-        "--image-mib", type=int, default=0, help="a generated test image of this size instead of the fixture"
+        "--image-mib", type=int, default=3072, help="size of the generated test image (default 3072; 0: fixture)"
+    )
+    parser.add_argument(
+        "--uplink-mbit", type=float, default=100.0, help="the deployer's uplink in Mbit/s (default 100; 0: unlimited)"
     )
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "dabei-bench-fleet")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of medians and ratios")
@@ -228,23 +245,37 @@ def main() -> None:
     durations = scaled_durations(args.scale)
     ssh_port = free_port()
     shutil.rmtree(args.work_dir, ignore_errors=True)
+    load_before = list(os.getloadavg())
     image = generated_image(args.work_dir, args.image_mib) if args.image_mib else None
     results: dict[int, list[RunResult]] = {size: [] for size in sizes}
+    compressed = 0
     for round_ in range(args.runs + 1):
         for size in sizes:
-            result = run_fleet(size, args.work_dir / f"run-{round_}-{size}", ssh_port, durations, image)
+            uplink = args.uplink_mbit * 1e6 if args.uplink_mbit > 0 else None
+            result = run_fleet(size, args.work_dir / f"run-{round_}-{size}", ssh_port, durations, image, uplink)
+            compressed = max(compressed, compressed_image_bytes(args.work_dir / f"run-{round_}-{size}"))
             shutil.rmtree(args.work_dir / f"run-{round_}-{size}", ignore_errors=True)
             label = "warm-up" if round_ == 0 else f"run {round_}"
             print(
                 f"{label} {size:>2} servers: up {result.up_seconds:.2f}s, cpu provider {result.cpu_provider:.2f}s"
                 f" simulator {result.cpu_simulator:.2f}s, provider peak {result.provider_peak_rss_mb:.0f} MB,"
-                f" compressions {result.compressions}, written {result.hosts_written}",
+                f" compressions {result.compressions}, written {result.hosts_written},"
+                f" deployer sent {result.deployer_bytes / 1e6:.1f} MB, servers {result.server_bytes / 1e6:.1f} MB",
                 file=sys.stderr,
             )
             if round_:
                 results[size].append(result)
     summary = summarize(results, durations, args.scale, args.runs)
     summary["image"] = f"generated {args.image_mib} MiB" if args.image_mib else "nix/fixtures/image (64 MiB)"
+    summary["uplink_mbit"] = args.uplink_mbit or None
+    summary["load_average_before"] = load_before
+    summary["load_average_after"] = list(os.getloadavg())
+    if image is not None:
+        summary["compressed_image_bytes"] = compressed
+        if compressed:
+            summary["deployer_bytes_over_image"] = {
+                str(s): round(statistics.median(r.deployer_bytes for r in results[s]) / compressed, 3) for s in sizes
+            }
     print_table(summary)
     if args.json:
         print(json.dumps(summary))
@@ -279,6 +310,12 @@ def summarize(
         "provider_peak_rss_mb": {str(s): round(max(r.provider_peak_rss_mb for r in results[s]), 1) for s in sizes},
         "compressions_per_run": {str(s): sorted({r.compressions for r in results[s]}) for s in sizes},
         "hosts_written_per_run": {str(s): sorted({r.hosts_written for r in results[s]}) for s in sizes},
+        "up_seconds_min_max": {
+            str(s): [round(min(r.up_seconds for r in results[s]), 2), round(max(r.up_seconds for r in results[s]), 2)]
+            for s in sizes
+        },
+        "median_deployer_bytes": {str(s): round(median(s, lambda r: r.deployer_bytes)) for s in sizes},
+        "median_server_bytes": {str(s): round(median(s, lambda r: r.server_bytes)) for s in sizes},
     }
     for s in sizes:
         if s != 1:
@@ -302,8 +339,16 @@ def print_table(summary: dict[str, Any]) -> None:
             f"{size:>7}{up:>8.2f}{ratio:>7.2f}{cpu['provider']:>10.2f}{cpu['simulator']:>9.2f}{cpu['total']:>11.2f}"
             f"{summary['provider_peak_rss_mb'][size]:>9.0f}{summary['compressions_per_run'][size]!s:>6}"
         )
-    if "cpu_seconds_per_added_server" in summary:
-        print(f"cpu_seconds_per_added_server: {summary['cpu_seconds_per_added_server']}")
+    for size in summary["median_up_seconds"]:
+        low, high = summary["up_seconds_min_max"][size]
+        print(
+            f"{size:>3} servers: up min {low:.2f} max {high:.2f} s; deployer sent"
+            f" {summary['median_deployer_bytes'][size] / 1e6:.1f} MB, servers relayed"
+            f" {summary['median_server_bytes'][size] / 1e6:.1f} MB"
+        )
+    for key in ("cpu_seconds_per_added_server", "compressed_image_bytes", "deployer_bytes_over_image"):
+        if key in summary:
+            print(f"{key}: {summary[key]}")
 
 
 # A flake whose image is bench/write.py's deterministic GPT test image, built by the real `nix build`
@@ -329,6 +374,12 @@ out = Path(os.environ["out"])
 out.mkdir()
 make_image(out / "nixos.img", int(sys.argv[1]) * 1024 * 1024)
 """
+
+
+def compressed_image_bytes(run_dir: Path) -> int:
+    """Size of the compressed image a run prepared (in its image cache)."""
+    sizes = [p.stat().st_size for p in run_dir.glob("cache/**/image.zst")]
+    return max(sizes) if sizes else 0
 
 
 def generated_image(work: Path, mib: int) -> ImageArgs:

@@ -10,7 +10,11 @@ the disk's content is hashed and compared with what that method must have writte
 a: ssh root@host 'dd of=DISK bs=4M' < image                                  (OpenSSH, raw)
 b: zstd -c image | ssh root@host 'zstd -d | dd of=DISK bs=4M conv=sparse'     (OpenSSH with zstd)
 c: dabei_component.disk_writer.write_image, as the component runs it: disk checks, discard and zeroing,
-   streaming the prepared (cached) image over asyncssh, verification on the host, seed write, flush.
+   streaming the prepared (cached) image over asyncssh, verification, seed write, flush.
+d: ssh root@host 'zstd -d --sparse -o DISK && sync DISK' < prepared.zst      (OpenSSH, unverified)
+e: ssh root@host 'tee >(sha256sum) | zstd -d --sparse -o DISK && sync DISK' < prepared.zst
+   (OpenSSH, the compressed stream's sha256 compared with the prepared one)
+d and e send c's prepared file and end with the same flush as c (fsync of the block device).
 The one-time preparation of c (zstd -3 -T0 and hashing, cached per image) is reported separately.
 """
 
@@ -23,6 +27,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -30,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "component"))
@@ -45,6 +51,7 @@ from dabei_component.sim.client import free_port  # noqa: E402
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
+METHODS = "abcde"
 EXTENT = 4 * MiB
 # BIOS boot, ESP, the seed partition and the root (ZFS) partition, as the project's image has them.
 SGDISK_LAYOUT = ["sgdisk", "-o", "-n", "1:2048:+1M", "-t", "1:ef02", "-n", "2:0:+256M", "-t", "2:ef00"]
@@ -148,17 +155,22 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="measured runs per method after one warm-up")
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "dabei-bench-write")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of medians and ratios")
+    parser.add_argument("--methods", default="abcde", help="which methods to run, c always included (default abcde)")
     args = parser.parse_args()
+    chosen = sorted(set(args.methods) | {"c"})
+    if not set(chosen) <= set(METHODS):
+        parser.error(f"--methods: choose from {METHODS}")
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     size = int(args.size_gib * GiB) // MiB * MiB
     if size < 512 * MiB:
         parser.error("--size-gib must be at least 0.5")
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    asyncio.run(bench(args.work_dir, size, args.runs, args.json))
+    asyncio.run(bench(args.work_dir, size, args.runs, args.json, chosen))
 
 
-async def bench(work: Path, size: int, runs: int, as_json: bool) -> None:
+async def bench(work: Path, size: int, runs: int, as_json: bool, chosen: list[str]) -> None:
+    load_before = list(os.getloadavg())
     image_file = work / f"image-{size // MiB}M.img"
     started = time.monotonic()
     make_image(image_file, size)
@@ -224,11 +236,33 @@ async def bench(work: Path, size: int, runs: int, as_json: bool) -> None:
         async def run_c() -> None:
             await write_image(conn, prepared, disk=device, seed=seed, progress=sample_rss)
 
-        methods: dict[str, tuple[Callable[[], object], str]] = {
+        zstd_to_disk = f"zstd -d -q -f --sparse -o {device}"
+
+        def run_d() -> None:
+            with open(prepared.compressed_path, "rb") as stdin:
+                subprocess.run([*ssh_argv, f"{zstd_to_disk} && sync {device}"], stdin=stdin, check=True)
+
+        def run_e() -> None:
+            # The hash goes to stdout after zstd and sync are done; it is compared here, as c compares its own.
+            remote = (
+                "set -o pipefail; f=$(mktemp); trap 'rm -f $f' EXIT;"
+                f" tee >(sha256sum > $f) | {zstd_to_disk} && sync {device} && wait && cat $f"
+            )
+            with open(prepared.compressed_path, "rb") as stdin:
+                out = subprocess.run(
+                    [*ssh_argv, f"bash -c {shlex.quote(remote)}"], stdin=stdin, check=True, capture_output=True
+                ).stdout
+            if out.split()[:1] != [prepared.compressed_sha256.encode()]:
+                raise SystemExit(f"method e: the host hashed {out[:64]!r}, expected {prepared.compressed_sha256}")
+
+        every: dict[str, tuple[Callable[[], object], str]] = {
             "a": (run_a, raw_sha256),
             "b": (run_b, raw_sha256),
             "c": (run_c, c_expected),
+            "d": (run_d, raw_sha256),
+            "e": (run_e, raw_sha256),
         }
+        methods = {name: every[name] for name in chosen}
         seconds: dict[str, list[float]] = {name: [] for name in methods}
         for round_ in range(runs + 1):
             for name, (run, expected) in methods.items():
@@ -249,27 +283,47 @@ async def bench(work: Path, size: int, runs: int, as_json: bool) -> None:
         server.stop()
 
     medians = {name: statistics.median(values) for name, values in seconds.items()}
-    wire = {"a": size, "b": zstd3_size, "c": prepared.compressed_size}
-    result = {
+    wire = {"a": size, "b": zstd3_size, "c": prepared.compressed_size, "d": prepared.compressed_size}
+    wire["e"] = prepared.compressed_size
+    result: dict[str, object] = {
         "benchmark": "write",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
         "image_bytes": size,
         "runs": runs,
+        "load_average_before": load_before,
+        "load_average_after": list(os.getloadavg()),
         "median_seconds": {name: round(value, 3) for name, value in medians.items()},
+        "min_max_seconds": {name: [round(min(v), 3), round(max(v), 3)] for name, v in seconds.items()},
         "raw_bytes_per_second": {name: round(size / value) for name, value in medians.items()},
-        "wire_bytes": wire,
+        "wire_bytes": {name: wire[name] for name in medians},
         "zstd3_bytes": zstd3_size,
         "prepare_once_seconds": round(prepare_seconds, 3),
-        "ratio_vs_ssh_dd": round(medians["c"] / medians["a"], 3),
-        "ratio_vs_zstd_pipeline": round(medians["c"] / medians["b"], 3),
-        "speedup_vs_ssh_dd": round(medians["a"] / medians["c"], 2),
         "wire_bytes_ratio": round(prepared.compressed_size / zstd3_size, 4),
         # Sampled at each progress report of c: the write path streams, so this does not grow with the image.
         "c_process_rss_mb": round(peak_rss[0] / MiB, 1),
     }
+    # c over each peer: the ratio of medians, and the median and range of the per-round ratios (each
+    # round runs the methods back to back, so drift in the machine's load cancels within a round).
+    for peer, key in PEERS.items():
+        if peer in seconds:
+            per_round = [c / other for c, other in zip(seconds["c"], seconds[peer], strict=True)]
+            result[key] = round(medians["c"] / medians[peer], 3)
+            result[key + "_per_round"] = {
+                "median": round(statistics.median(per_round), 3),
+                "min": round(min(per_round), 3),
+                "max": round(max(per_round), 3),
+            }
     print_table(result)
     if as_json:
         print(json.dumps(result))
+
+
+PEERS = {
+    "a": "ratio_vs_ssh_dd",
+    "b": "ratio_vs_zstd_pipeline",
+    "d": "ratio_vs_openssh_zstd_unverified",
+    "e": "ratio_vs_openssh_zstd_verified",
+}
 
 
 def rss_bytes() -> int:
@@ -290,15 +344,20 @@ def len_of_command(argv: list[str]) -> int:
     return total
 
 
-def print_table(result: dict) -> None:
-    print(f"{'method':<8}{'median s':>10}{'raw MB/s':>10}{'wire MB':>10}")
-    for name in ("a", "b", "c"):
+def print_table(result: dict[str, Any]) -> None:
+    print(f"{'method':<8}{'median s':>10}{'min s':>8}{'max s':>8}{'raw MB/s':>10}{'wire MB':>10}")
+    for name in result["median_seconds"]:
+        low, high = result["min_max_seconds"][name]
         print(
-            f"{name:<8}{result['median_seconds'][name]:>10.2f}"
+            f"{name:<8}{result['median_seconds'][name]:>10.2f}{low:>8.2f}{high:>8.2f}"
             f"{result['raw_bytes_per_second'][name] / 1e6:>10.0f}{result['wire_bytes'][name] / 1e6:>10.1f}"
         )
-    for key in ("ratio_vs_ssh_dd", "ratio_vs_zstd_pipeline", "wire_bytes_ratio", "prepare_once_seconds"):
-        print(f"{key}: {result[key]}")
+    for key in (*PEERS.values(), "wire_bytes_ratio", "prepare_once_seconds", "load_average_before"):
+        if key in result:
+            print(
+                f"{key}: {result[key]}"
+                + (f" per round {result[key + '_per_round']}" if key + "_per_round" in result else "")
+            )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@
   `shutdown_server`, `reboot_server`, `reset_server`, `enable_rescue`, `disable_rescue`, `create_image`,
   `delete_server`), slow actions, metadata outages per server; each for the next N matches or T seconds.
 - `GET /_sim/ratelimit`, `PUT /_sim/ratelimit` `{"limit": 3600, "period": 3600, "remaining": 10}`.
+- `GET /_sim/uplink`, `PUT /_sim/uplink` `{"bits_per_second": 100e6 | null, "reset_counters": true}`: the
+  deployer's uplink, one bandwidth shared by all connections to servers from outside the simulated servers
+  (see `uplink.py`); the answer counts `deployer_bytes` and `server_bytes` (relays between servers).
 - `GET /_sim/servers`, `GET /_sim/servers/{id}`: addresses, status, SSH keys given at create, rescue state,
   metadata URL, state dir and the machine's own description (`Machine.describe()`); never a password.
 - `PUT /_sim/servers/{id}/faults`: SSH faults of the server's machine (`Machine.set_faults(body)`).
@@ -78,6 +81,21 @@ async def put_ratelimit(request: web.Request) -> web.Response:
     ratelimit = request.app[PROJECT].ratelimit
     ratelimit.configure(await read_json(request))
     return json_response({"ratelimit": ratelimit.to_json()})
+
+
+@routes.get("/_sim/uplink")
+async def get_uplink(request: web.Request) -> web.Response:
+    return json_response({"uplink": request.app[PROJECT].uplink.to_json()})
+
+
+@routes.put("/_sim/uplink")
+async def put_uplink(request: web.Request) -> web.Response:
+    uplink = request.app[PROJECT].uplink
+    try:
+        uplink.configure(await read_json(request))
+    except ValueError as exc:
+        raise invalid_input({"uplink": [str(exc)]}) from None
+    return json_response({"uplink": uplink.to_json()})
 
 
 def server_details(project: Project, server: Server) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from .fake_rebuild import ACTIVE_SYSTEM, CUT_SESSIONS, SIM_STATE, SSHD_STATE
 from .firmware import NotBootable, check_bootable
 from .sshd import FaultProxy, NamespacedProcess, PrivateDev, SshDaemon, SshdSettings
 from .state import Durations
+from .uplink import Uplink, UplinkProxy
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,8 @@ class SshFaults:
     change_host_key_after_connections: int | None = None
     # The installed system never comes up (no sshd after a disk boot).
     boot_hook_fails: bool = False
+    # Each connection from another server (a relay) is cut after this many bytes from it.
+    drop_relays_after_bytes: int | None = None
 
     def set_faults(self, changes: dict[str, Any]) -> None:
         """Apply the given knobs (others stay); ValueError names a bad key or value, and nothing changes."""
@@ -116,7 +119,8 @@ def _check_fault(key: str, value: Any) -> Any:
         if not is_number or not 0 <= value <= 3600:
             raise ValueError(f"ssh fault {key!r} must be a number of seconds in [0, 3600], got {value!r}")
         return float(value)
-    # drop_after_bytes, change_host_key_after_connections: a positive integer, or null/0 for off
+    # drop_after_bytes, drop_relays_after_bytes, change_host_key_after_connections: a positive integer,
+    # or null/0 for off
     if value is None or value == 0:
         return None
     if not is_number or int(value) != value or value < 0:
@@ -146,6 +150,9 @@ class Machine:
         self.boot_error: str | None = None
         self._sshd: SshDaemon | None = None
         self._proxy: FaultProxy | None = None
+        # The deployer's uplink, shared by all machines of the simulator (set by the project).
+        self.uplink: Uplink | None = None
+        self._uplink_proxy: UplinkProxy | None = None
         self._delayed_start: asyncio.Task[None] | None = None
         self._background: list[NamespacedProcess] = []
         # Tasks and servers of the installed system (the active-system follower, the HTTP endpoint).
@@ -206,23 +213,35 @@ class Machine:
             rescue_dir.mkdir(parents=True, exist_ok=True)
             host_key = rescue_dir / "ssh_host_ed25519_key"
             await asyncio.to_thread(_new_host_key, host_key)
-            keys_file = rescue_dir / "authorized_keys"
+            # Root's home is bound at /root in the rescue system, so its authorized_keys sits where Hetzner's
+            # rescue has it (/root/.ssh/authorized_keys): a RAM system, changes vanish with the next boot.
+            home = rescue_dir / "root"
+            if home.exists():
+                await asyncio.to_thread(shutil.rmtree, home)
+            (home / ".ssh").mkdir(parents=True)
+            keys_file = home / ".ssh/authorized_keys"
             keys_file.write_text("".join(k.strip() + "\n" for k in authorized_keys))
+            # Outgoing SSH from the rescue system comes from the server's own address, as on Hetzner
+            # (the uplink model tells server-to-server traffic from the deployer's by it).
+            client_config = rescue_dir / "ssh_config"
+            client_config.write_text(f"Host *\n    BindAddress {self.spec.address}\n")
+            binds = [(home, "/root")]
+            if Path("/etc/ssh/ssh_config").exists():
+                binds.append((client_config, "/etc/ssh/ssh_config"))
             self.disk.ensure()
             try:
                 private_dev = None
                 if not not_rescue:
                     await self.disk.attach()
                     private_dev = PrivateDev(stage=rescue_dir / "dev", sda=self.disk.block_source)
-                home = rescue_dir / "root"
-                home.mkdir(exist_ok=True)
                 await self._start_ssh(
                     hostname=self.spec.name if not_rescue else "rescue",
                     host_key=host_key,
-                    authorized_keys=keys_file,
+                    authorized_keys=".ssh/authorized_keys",
                     private_dev=private_dev,
                     # The rescue system's own home: the host's root dotfiles (shell start-up) stay out.
-                    set_env={"HOME": str(home)},
+                    set_env={"HOME": "/root"},
+                    binds=binds,
                 )
             except BaseException:
                 await self._halt()
@@ -297,6 +316,7 @@ class Machine:
             "rootfs": str(self.rootfs),
             "sshd_pid": self.sshd_pid,
             "ssh_proxy": self._proxy is not None,
+            "uplink_proxy": self._uplink_proxy is not None,
             "metadata_url": self.spec.metadata_url,
             "architecture": self.spec.architecture,
             "faults": self.faults.to_dict(),
@@ -413,17 +433,24 @@ class Machine:
         *,
         hostname: str,
         host_key: Path,
-        authorized_keys: Path,
+        authorized_keys: Path | str,
         private_dev: PrivateDev | None,
         set_env: dict[str, str],
+        binds: list[tuple[Path, str]] | None = None,
     ) -> None:
         delay, self.faults.refuse_for_seconds = self.faults.refuse_for_seconds, 0.0
         drop_after = self.faults.drop_after_bytes
         rotate_after = self.faults.change_host_key_after_connections
         use_proxy = drop_after is not None or rotate_after is not None
+        relay_drop = self.faults.drop_relays_after_bytes
+        limited = self.uplink is not None and (self.uplink.bits_per_second is not None or relay_drop is not None)
+        # Clients reach address:ssh_port; behind it, in this order: the uplink proxy, the fault proxy, sshd.
+        public_port = self.ssh_port
+        fault_port = free_port(self.spec.address) if limited and use_proxy else public_port
+        sshd_port = free_port(self.spec.address) if limited or use_proxy else public_port
         settings = SshdSettings(
             listen_host=self._listen_host,
-            listen_port=free_port(self.spec.address) if use_proxy else self.ssh_port,
+            listen_port=sshd_port,
             host_key=host_key,
             authorized_keys=authorized_keys,
             pid_file=self.state_dir / "sshd.pid",
@@ -436,6 +463,7 @@ class Machine:
             hostname=hostname,
             private_dev=private_dev,
             boot_id_file=self.boot_id_path,
+            binds=binds,
         )
         if use_proxy:
 
@@ -445,10 +473,19 @@ class Machine:
 
             self._proxy = FaultProxy(
                 host=self.spec.address,
-                port=self.ssh_port,
-                backend_port=settings.listen_port,
+                port=fault_port,
+                backend_port=sshd_port,
                 drop_after_bytes=drop_after,
                 before_connection=before_connection,
+            )
+        if limited:
+            assert self.uplink is not None
+            self._uplink_proxy = UplinkProxy(
+                host=self.spec.address,
+                port=public_port,
+                backend_port=fault_port if use_proxy else sshd_port,
+                uplink=self.uplink,
+                drop_servers_after_bytes=relay_drop,
             )
         if delay > 0:
             self.log_boot(f"ssh refuses connections for {delay:g}s (ssh fault refuse_for_seconds)")
@@ -461,6 +498,8 @@ class Machine:
         await self._sshd.start()
         if self._proxy is not None:
             await self._proxy.start()
+        if self._uplink_proxy is not None:
+            await self._uplink_proxy.start()
         self.log_boot(f"sshd listening on {self._listen_host}:{self.ssh_port} (pid {self._sshd.pid})")
 
     async def _listen_after(self, delay: float) -> None:
@@ -484,6 +523,9 @@ class Machine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._delayed_start
             self._delayed_start = None
+        if self._uplink_proxy is not None:
+            await self._uplink_proxy.stop()
+            self._uplink_proxy = None
         if self._proxy is not None:
             await self._proxy.stop()
             self._proxy = None

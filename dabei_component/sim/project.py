@@ -27,6 +27,7 @@ from .state import (
     Server,
     SshKey,
 )
+from .uplink import Uplink
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,9 @@ class Project:
         self.app_port = service_port()
         self.faults = Faults()
         self.ratelimit = RateLimiter()
+        # Servers relay over IPv4 only: a connection to an IPv6-only server's address on `lo` comes from that
+        # same address, so only IPv4 sources tell a server from the deployer.
+        self.uplink = Uplink(lambda: {server.ipv4 for server in self.servers.values() if server.ipv4})
         self.addresses = AddressPool()
         self.servers: dict[int, Server] = {}
         self.ssh_keys: dict[int, SshKey] = {}
@@ -238,6 +242,8 @@ class Project:
         if boot_hook is None:
             boot_hook = default_boot_hook(self.durations, self.flake_behaviours_path, self.app_port)
         machine = self.machine_factory(spec, self.ssh_port, boot_hook)
+        if hasattr(machine, "uplink"):
+            machine.uplink = self.uplink
         self.machines[server.id] = machine
         return machine
 

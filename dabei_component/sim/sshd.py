@@ -24,8 +24,9 @@ PRIVSEP_DIR = Path("/run/sshd")
 DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty", "ptmx")
 
 # Runs inside the new namespaces: $1 hostname, $2 staging dir for a private /dev ("" keeps the host's),
-# $3 what to bind at /dev/sda, $4 a file to show as the kernel's boot id ("" keeps the host's), then the
-# program. The tmpfs is built at the staging dir and moved over /dev, so the host's /dev is never touched
+# $3 what to bind at /dev/sda, $4 a file to show as the kernel's boot id ("" keeps the host's), $5 a
+# file of "SOURCE TARGET" lines to bind-mount ("" for none; paths without spaces), then the program.
+# The tmpfs is built at the staging dir and moved over /dev, so the host's /dev is never touched
 # (the mount namespace is private).
 _NAMESPACE_INIT = r"""
 set -eu
@@ -48,7 +49,10 @@ fi
 if [ -n "$4" ]; then
   mount --bind "$4" /proc/sys/kernel/random/boot_id
 fi
-shift 4
+if [ -n "$5" ]; then
+  while read -r src dst; do mount --bind "$src" "$dst"; done < "$5"
+fi
+shift 5
 exec "$@"
 """.replace("NODES", " ".join(DEV_NODES))
 
@@ -78,7 +82,16 @@ class NamespacedProcess:
         private_dev: PrivateDev | None = None,
         boot_id_file: Path | None = None,
         output: Path | None = None,
+        binds: list[tuple[Path, str]] | None = None,
+        binds_file: Path | None = None,
     ) -> None:
+        if binds and binds_file is None:
+            raise ValueError("binds need a binds_file to be listed in")
+        for source, target in binds or []:
+            if any(c.isspace() for c in f"{source}{target}"):
+                raise ValueError(f"bind {source} -> {target}: paths must not contain white space")
+        self.binds = binds or []
+        self.binds_file = binds_file
         self.argv = argv
         self.hostname = hostname
         self.env = env
@@ -93,6 +106,10 @@ class NamespacedProcess:
         if self.private_dev is not None:
             self.private_dev.stage.mkdir(parents=True, exist_ok=True)
             dev_stage, sda = str(self.private_dev.stage), str(self.private_dev.sda)
+        binds = ""
+        if self.binds and self.binds_file is not None:
+            self.binds_file.write_text("".join(f"{source} {target}\n" for source, target in self.binds))
+            binds = str(self.binds_file)
         argv = [
             "unshare",
             "--pid",
@@ -109,6 +126,7 @@ class NamespacedProcess:
             dev_stage,
             sda,
             str(self.boot_id_file or ""),
+            binds,
             *self.argv,
         ]
         if self.output is None:
@@ -161,7 +179,7 @@ class SshdSettings:
     listen_host: str
     listen_port: int
     host_key: Path
-    authorized_keys: Path
+    authorized_keys: Path | str  # relative: to the user's home, as sshd_config(5) reads it
     pid_file: Path
     set_env: dict[str, str] = field(default_factory=dict)
     # Users refused at login (`DenyUsers`): how a switch to a configuration with a broken sshd option
@@ -210,6 +228,7 @@ class SshDaemon:
         hostname: str,
         private_dev: PrivateDev | None = None,
         boot_id_file: Path | None = None,
+        binds: list[tuple[Path, str]] | None = None,
     ) -> None:
         self.settings = settings
         self.config_path = config_path
@@ -219,6 +238,8 @@ class SshDaemon:
             hostname=hostname,
             private_dev=private_dev,
             boot_id_file=boot_id_file,
+            binds=binds,
+            binds_file=config_path.with_name("binds"),
         )
         self._listening = 0  # "Server listening" lines seen: one per start and per reload
         self._line_seen = asyncio.Event()

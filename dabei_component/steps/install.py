@@ -6,15 +6,19 @@ re-run after a failure, a reinstall), the session is over and the step enters re
 the key changed within the session and the host is refused. A host that already answers as installed,
 with the host key the component generated for it, is not written again.
 
-A write that fails on the way (the connection dropped, the stream damaged) is retried: first over a new
-connection to the same rescue session, then once more in a fresh rescue session. A refused disk (not a
-block device, in use, too small) is never retried.
+The hosts of one call that are ready in rescue are written together (`relay.py`): the deployer sends the
+image once, to one of them, and the hosts pass it on among themselves, each writing and verifying its own
+disk. A host whose relayed write fails is written directly. A write that fails on the way (the connection
+dropped, the stream damaged) is retried: first over a new connection to the same rescue session, then
+once more in a fresh rescue session. A refused disk (not a block device, in use, too small) is never
+retried. All streams of a call share one byte budget for their send buffers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,9 +27,20 @@ from dabei_firstboot.seed import encode_seed
 from pulumi.dynamic import CheckFailure
 
 from .. import validation
-from ..disk_writer import DiskRefused, DiskWriteError, WriteReport, write_image
+from ..disk_writer import (
+    ByteBudget,
+    DiskRefused,
+    DiskWriteError,
+    ProgressCallback,
+    WriteProgress,
+    WriteReport,
+    human_size,
+    write_image,
+)
 from ..hetzner import HetznerError
+from ..imaging import PreparedImage
 from ..keys import fingerprint
+from ..relay import RelayHost, relay_write
 from ..ssh import HostKeyMismatch, SshError, connect, run
 from .base import FleetStep, HostContext, HostError, as_int, host_address, is_unknown, secret_options
 from .image import ensure_prepared
@@ -35,14 +50,83 @@ SECRET_INPUTS = ("deploy_private_key", "host_private_keys")
 _PROBE_SECONDS = 15.0
 # Attempts at writing one host: the pinned session, a new connection to it, a fresh rescue session.
 WRITE_ATTEMPTS = 3
+# The relay starts once every host of the call is ready or out, or this long after the first was ready;
+# hosts ready later are written directly.
+RELAY_GATHER_SECONDS = 120.0
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError("unreachable")
+class FleetWrite:
+    """The hosts of one install call that write together: a relay round and a shared byte budget."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.expected = set(names)
+        self.budget = ByteBudget()
+        self._joined: dict[str, tuple[HostContext, RelayHost]] = {}
+        self._left: set[str] = set()
+        self._results: dict[str, asyncio.Future[WriteReport | DiskWriteError]] = {}
+        self._ready: asyncio.Event | None = None
+        self._round: asyncio.Task[None] | None = None
+        self._image: PreparedImage | None = None
+
+    def leave(self, name: str) -> None:
+        """The host will not join (done, failed, or already written): do not wait for it."""
+        if name not in self._joined:
+            self._left.add(name)
+            self._check_ready()
+
+    def _check_ready(self) -> None:
+        if self._ready is not None and set(self._joined) | self._left >= self.expected:
+            self._ready.set()
+
+    async def write(self, ctx: HostContext, host: RelayHost, image: PreparedImage) -> WriteReport | None:
+        """Join the relay round; None when the round had started already (write directly)."""
+        if self._ready is not None and self._ready.is_set():
+            return None  # the round has started
+        future: asyncio.Future[WriteReport | DiskWriteError] = asyncio.get_running_loop().create_future()
+        self._results[ctx.name] = future
+        self._joined[ctx.name] = (ctx, host)
+        self._image = image
+        if self._ready is None:
+            self._ready = asyncio.Event()
+            self._round = asyncio.create_task(self._run_round())
+        self._check_ready()
+        result = await future
+        if isinstance(result, DiskWriteError):
+            raise result
+        return result
+
+    async def _run_round(self) -> None:
+        assert self._ready is not None and self._image is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ready.wait(), RELAY_GATHER_SECONDS)
+        self._ready.set()  # later joiners write directly
+        joined = dict(self._joined)
+        contexts = {name: ctx for name, (ctx, _) in joined.items()}
+        try:
+            outcome = await relay_write(
+                [host for _, host in sorted(joined.values(), key=lambda j: j[0].name)],
+                self._image,
+                log=lambda name, message: contexts[name].log(message),
+                budget=self.budget,
+                progress=_progress_log(contexts[min(contexts)]) if contexts else None,
+            )
+        except Exception as exc:  # a bug or an unexpected failure: every host falls back to its own write
+            outcome = {name: DiskWriteError(f"relay failed: {type(exc).__name__}: {exc}") for name in joined}
+        for name, future in self._results.items():
+            if not future.done():
+                future.set_result(outcome.get(name, DiskWriteError("the relay did not report this host")))
+
+
+# One relay group per Nix system, by system.
+_FLEET: contextvars.ContextVar[dict[str, FleetWrite] | None] = contextvars.ContextVar("dabei_fleet_write", default=None)
+
+
+def _progress_log(ctx: HostContext) -> ProgressCallback:
+    def report(p: WriteProgress) -> None:
+        sent, total, rate = human_size(p.bytes_sent), human_size(p.total_bytes), human_size(p.rate)
+        ctx.log(f"{sent} of {total} compressed sent, {rate}/s")
+
+    return report
 
 
 def host_flake(host: Mapping[str, Any], sources: Mapping[str, Any] | None) -> str:
@@ -143,24 +227,72 @@ class InstallProvider(FleetStep):
             raise
         return RescueSession(conn, host_key, boot_id, action_id)
 
-    async def _write(
-        self, ctx: HostContext, session: RescueSession, host: Mapping[str, Any], image: Any, seed: bytes
-    ) -> WriteReport:
-        ctx.log(f"writing the image to {host.get('disk') or '/dev/sda'} ({_size(image.compressed_size)} compressed)")
+    def _run(
+        self,
+        props: dict[str, Any],
+        hosts: dict[str, Any],
+        todo: list[str],
+        olds: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        by_system: dict[str, list[str]] = {}
+        for name in todo:
+            by_system.setdefault(hosts[name].get("platform") or "x86_64-linux", []).append(name)
+        token = _FLEET.set({system: FleetWrite(names) for system, names in by_system.items()})
         try:
+            return super()._run(props, hosts, todo, olds)
+        finally:
+            _FLEET.reset(token)
+
+    async def _write(
+        self,
+        ctx: HostContext,
+        session: RescueSession,
+        host: Mapping[str, Any],
+        image: PreparedImage,
+        seed: bytes,
+        relay: FleetWrite | None,
+    ) -> WriteReport:
+        disk = host.get("disk") or "/dev/sda"
+        groups = _FLEET.get()
+        fleet = groups.get(host.get("platform") or "x86_64-linux") if groups is not None else None
+        try:
+            if relay is not None and not host.get("ipv4"):
+                # The relay runs between the hosts' IPv4 addresses; an IPv6-only host is written directly.
+                relay.leave(ctx.name)
+                ctx.log("IPv6-only host: not in the relay")
+            elif relay is not None:
+                assert self.settings is not None
+                member = RelayHost(
+                    ctx.name, session.conn, host["ipv4"], self.settings.ssh_port, session.host_key, disk, seed
+                )
+                result = await relay.write(ctx, member, image)
+                if result is not None:
+                    return result
+            ctx.log(f"writing the image to {disk} ({human_size(image.compressed_size)} compressed), streamed directly")
             return await write_image(
                 session.conn,
                 image,
-                disk=host.get("disk") or "/dev/sda",
+                disk=disk,
                 seed=seed,
-                progress=lambda p: ctx.log(
-                    f"{_size(p.bytes_sent)} of {_size(p.total_bytes)} compressed sent, {_size(p.rate)}/s"
-                ),
+                progress=_progress_log(ctx),
+                budget=fleet.budget if fleet is not None else None,
             )
         finally:
             session.conn.close()
 
     async def apply_host(self, ctx: HostContext, host: dict[str, Any], props: dict[str, Any]) -> dict[str, Any]:
+        # Hosts relay the image only to hosts of their own Nix system (one relay group per image).
+        groups = _FLEET.get()
+        fleet = groups.get(host.get("platform") or "x86_64-linux") if groups is not None else None
+        try:
+            return await self._install(ctx, host, props, fleet)
+        finally:
+            if fleet is not None:
+                fleet.leave(ctx.name)
+
+    async def _install(
+        self, ctx: HostContext, host: dict[str, Any], props: dict[str, Any], fleet: FleetWrite | None
+    ) -> dict[str, Any]:
         # The image of the host's Nix system (a stack recorded before images per system has one image).
         images = props.get("images") or {"x86_64-linux": props.get("image")}
         image = images.get(host.get("platform") or "x86_64-linux")
@@ -191,7 +323,7 @@ class InstallProvider(FleetStep):
                 session = await enter_rescue(ctx, self, host, props)
             pin = (session.host_key, session.action_id)
             try:
-                report = await self._write(ctx, session, host, prepared, seed)
+                report = await self._write(ctx, session, host, prepared, seed, fleet if attempt == 1 else None)
                 break
             except DiskRefused as exc:
                 raise HostError(str(exc)) from None
@@ -199,7 +331,7 @@ class InstallProvider(FleetStep):
                 if attempt == WRITE_ATTEMPTS:
                     raise HostError(f"{exc} (gave up after {attempt} attempts)") from None
                 again = "over a new connection" if attempt + 1 < WRITE_ATTEMPTS else "in a fresh rescue session"
-                ctx.log(f"write attempt {attempt} failed: {exc}; retrying {again}")
+                ctx.log(f"write attempt {attempt} failed: {exc}; retrying {again}, streamed directly")
         assert report is not None and session is not None
         ctx.log("image verified on disk; booting the installed system")
         try:

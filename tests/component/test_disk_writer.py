@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import signal
@@ -14,7 +15,7 @@ import pytest
 from dabei_firstboot.seed import encode_seed, read_seed
 from sshd_fixture import LoopDevices, SshdServer, make_gpt_image
 
-from dabei_component import disk_writer, ssh
+from dabei_component import disk_writer, relay, ssh
 from dabei_component.disk_writer import DiskRefused, DiskWriteError, WriteProgress, write_image
 from dabei_component.imaging import PreparedImage, prepare_image
 from dabei_component.keys import generate_ssh_keypair
@@ -154,7 +155,7 @@ async def test_a_stream_that_differs_from_the_prepared_hash_fails(
 ) -> None:
     device, _ = loop_devices.create(32 * MiB)
     wrong = dataclasses.replace(image, compressed_sha256="0" * 64)
-    with pytest.raises(DiskWriteError, match=f"{image.compressed_sha256}, expected 0000"):
+    with pytest.raises(DiskWriteError, match=f"sha256 {image.compressed_sha256}, expected 0000"):
         await write_image(conn, wrong, disk=device, seed=b"")
 
 
@@ -214,3 +215,51 @@ async def test_a_dropped_connection_fails_the_write(
     with pytest.raises(DiskWriteError, match=f"writing {device}"):
         await write_image(conn, image, disk=device, seed=b"", progress=drop_link)
     assert chunks[-1].bytes_sent < image.compressed_size
+
+
+async def test_streams_of_a_step_share_one_byte_budget(
+    conn: asyncssh.SSHClientConnection, tmp_path: Path, loop_devices: LoopDevices
+) -> None:
+    # 6 MiB of random data: 6 one-MiB chunks per stream, three streams at once, room for two chunks in all.
+    big = prepare_image(make_gpt_image(tmp_path / "big.img", 24 * MiB, random_bytes=6 * MiB), tmp_path / "cache")
+    budget = disk_writer.ByteBudget(2 * disk_writer.CHUNK_BYTES)
+    seed = encode_seed(seed_document())
+    devices = [loop_devices.create(32 * MiB)[0] for _ in range(3)]
+    reports = await asyncio.gather(
+        *(write_image(conn, big, disk=device, seed=seed, budget=budget) for device in devices)
+    )
+    assert [r.raw_bytes for r in reports] == [big.raw_size] * 3
+    for device in devices:
+        assert read_device(device, big.raw_size) == expected_disk(big, seed)
+    assert budget.used == 0
+    assert disk_writer.CHUNK_BYTES <= budget.peak <= budget.limit
+
+
+def test_a_byte_budget_smaller_than_a_chunk_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least one chunk"):
+        disk_writer.ByteBudget(disk_writer.CHUNK_BYTES - 1)
+
+
+def test_the_relay_tree_and_host_key_algorithms() -> None:
+    assert relay.plan_tree(1) == [[]]
+    assert relay.plan_tree(6) == [[1, 2], [3, 4], [5], [], [], []]
+    assert relay.plan_tree(4, fanout=1) == [[1], [2], [3], []]
+    tree = relay.plan_tree(16)
+    assert sorted(c for children in tree for c in children) == list(range(1, 16))  # each host fed once
+    with pytest.raises(ValueError, match="fanout"):
+        relay.plan_tree(3, fanout=0)
+    assert relay.host_key_algorithms("ssh-ed25519 AAAA") == "ssh-ed25519"
+    assert relay.host_key_algorithms("ssh-rsa AAAA") == "rsa-sha2-512,rsa-sha2-256"
+
+
+def test_a_relayed_host_must_report_the_prepared_hash(image: PreparedImage) -> None:
+    good = f"sha256={image.compressed_sha256}\nwritten={image.raw_size}\n"
+    disk_writer.verify_facts(good, image, "/dev/sda")
+    with pytest.raises(DiskWriteError, match=r"the host received compressed bytes with sha256 \(none\)"):
+        disk_writer.verify_facts(f"written={image.raw_size}\n", image, "/dev/sda")
+    with pytest.raises(DiskWriteError, match="with sha256 beef, expected"):
+        disk_writer.verify_facts(f"sha256=beef\nwritten={image.raw_size}\n", image, "/dev/sda")
+    with pytest.raises(DiskWriteError, match=f"wrote {image.raw_size - 1} bytes, expected {image.raw_size}"):
+        disk_writer.verify_facts(good.replace(f"={image.raw_size}", f"={image.raw_size - 1}"), image, "/dev/sda")
+    with pytest.raises(DiskWriteError, match="no stream reached the host"):
+        disk_writer.verify_facts("error=no stream reached the host\n", image, "/dev/sda")

@@ -260,7 +260,10 @@ def test_set_faults_names_the_bad_key_or_value() -> None:
         "not_rescue": False,
         "change_host_key_after_connections": None,
         "boot_hook_fails": False,
+        "drop_relays_after_bytes": None,
     }
+    with pytest.raises(ValueError, match="'drop_relays_after_bytes'"):
+        faults.set_faults({"drop_relays_after_bytes": -3})
     faults.set_faults({"drop_after_bytes": None})
     assert faults.drop_after_bytes is None
 
