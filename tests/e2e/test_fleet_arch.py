@@ -144,7 +144,7 @@ def test_a_local_flake_in_a_git_repository_installs_and_an_edit_applies_on_that_
     # Only the edited host's system, and the flake's source (its key in `sources` is the flake text `.`).
     source = tuple(f"sources...{f}" for f in ("host_ref", "nar_hash", "path", "url"))
     plan = engine.preview(lambda: declare(args, name="lf"))
-    assert plan.changes() == {"lf-firstboot": (UPDATE, ("hosts.lf-1.system", *source))}
+    assert plan.changes() == {"lf-firstboot": (UPDATE, ("hosts.lf-1.system", "rollout.batches", *source))}
     # The exact store paths, as `pulumi preview --diff` shows them.
     [change] = [c for c in plan if c.name == "lf-firstboot"]
     assert f"hosts.lf-1.system: {before} => {after}" in change.diff()
