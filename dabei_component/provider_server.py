@@ -71,7 +71,11 @@ class ProviderServer:
         ]
         for t in self._pumps:
             t.start()
-        self._channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        # A failed step's error (journal tails of many hosts) travels in the status metadata: above 8 KiB.
+        self._channel = grpc.insecure_channel(
+            f"127.0.0.1:{self.port}",
+            options=[("grpc.max_metadata_size", 1 << 20), ("grpc.absolute_max_metadata_size", 1 << 20)],
+        )
         self._stub = provider_pb2_grpc.ResourceProviderStub(self._channel)
 
     def _pump(self, stream: IO[bytes]) -> None:

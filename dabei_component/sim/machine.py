@@ -394,7 +394,8 @@ class Machine:
             finally:
                 writer.close()
 
-        server = await asyncio.start_server(answer, self.spec.ipv4, port, reuse_address=True)
+        # Its own address only: an IPv6-only machine given no address would take the port on every one.
+        server = await asyncio.start_server(answer, self.spec.address, port, reuse_address=True)
         self._services.append(server)
         self.app_port = port
 
@@ -582,8 +583,10 @@ class InstalledNixosHook:
             "LANG": "C.UTF-8",
         }
         await _run_logged(machine, ["nix-dabei", "seed"], env)
-        # nix-dabei-grow.service, after the seed on every boot: the partition takes a disk that grew.
-        await _run_logged(machine, ["nix-dabei", "grow"], env)
+        # nix-dabei-grow.service, after the seed on every boot: the partition takes a disk that grew. Like
+        # the unit, a failure is logged and the boot goes on (the system runs on the partition it has).
+        with contextlib.suppress(RuntimeError):
+            await _run_logged(machine, ["nix-dabei", "grow"], env)
         if not host_key.exists():
             raise RuntimeError(f"no host key at {host_key} after 'nix-dabei seed'")
         await machine.start_installed_sshd(
