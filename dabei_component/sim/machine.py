@@ -375,7 +375,7 @@ class Machine:
         self.log_boot(f"cut {len(sessions)} SSH connection(s) (the active system's switch)")
 
     async def serve_app(self, root: Path, port: int) -> None:
-        """The installed system's HTTP endpoint on ipv4:port: 200 while the active configuration is healthy,
+        """The installed system's HTTP endpoint on its address (an IPv6-only server's IPv6):port: 200 while the active configuration is healthy,
         503 when it says `health: failing` (a target for the deployer's HTTP and TCP probes)."""
 
         async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -394,7 +394,7 @@ class Machine:
             finally:
                 writer.close()
 
-        server = await asyncio.start_server(answer, self.spec.ipv4, port, reuse_address=True)
+        server = await asyncio.start_server(answer, self.spec.address, port, reuse_address=True)
         self._services.append(server)
         self.app_port = port
 
