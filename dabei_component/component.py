@@ -350,6 +350,9 @@ class Host(pulumi.ComponentResource):
                     # The OS on the disk is ours after installation: changing the placeholder image or the
                     # keys (which pulumi-hcloud would do by replacing the server) must never replace it.
                     ignore_changes=["image", "sshKeys", "userData"],
+                    # Server names are unique in a Hetzner project: a replacement (a new `location`) can only
+                    # be created once the old server is gone.
+                    delete_before_replace=True,
                 ),
             )
         # The server resource, or what pulumi-hcloud's `getServer` reads of a server given by ID: the same

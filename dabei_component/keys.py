@@ -106,10 +106,14 @@ def read_public_key(text: str) -> PublicKey | None:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     keys = []
     for line in lines:
-        try:
-            keys.append(asyncssh.import_public_key(line))
-        except (asyncssh.KeyImportError, ValueError, TypeError):
-            continue
+        # asyncssh refuses a comment that is not ASCII (`jürgen@büro`, a pasted non-breaking space): the
+        # comment is no part of the key, so such a line is read by its type and data alone.
+        for candidate in (line, " ".join(line.split()[:2])):
+            try:
+                keys.append(asyncssh.import_public_key(candidate))
+                break
+            except (asyncssh.KeyImportError, ValueError, TypeError):
+                continue
     if not keys:
         return None
     if len(lines) > 1:

@@ -212,6 +212,7 @@ class _Monitor(pulumi_mocks.MockMonitor):
             "dependencies": sorted({_key_of_urn(u) for u in request.dependencies}),
             "ignore_changes": list(request.ignoreChanges),
             "secret_outputs": list(request.additionalSecretOutputs),
+            "delete_before_replace": bool(request.deleteBeforeReplace),
             "run": self._run,
         }
         return super().RegisterResource(request)
@@ -301,7 +302,7 @@ class LocalEngine(pulumi_mocks.Mocks):
             if args.typ == DYNAMIC:
                 op, rec = self._dynamic(key, rec, old)
             elif args.typ == HCLOUD_SERVER:
-                op, rec = self._server(key, rec, old)
+                op, rec = self._server(key, rec, old, options)
             elif args.typ == HCLOUD_SSH_KEY:
                 op, rec = self._ssh_key(key, rec, old)
             elif args.typ == COMMAND:
@@ -388,7 +389,7 @@ class LocalEngine(pulumi_mocks.Mocks):
                 self._step(key, rec, "same", ())
                 return "same", rec
             op = "replace" if diffed.replaces else "update"
-            paths = tuple(diff_paths(old.inputs, checked.inputs) or _drift_paths(old.outputs))
+            paths = tuple(sorted({*diff_paths(old.inputs, checked.inputs), *_drift_paths(old.outputs)}))
         if self._preview:
             # Providers that do not preview hand back their inputs as outputs (provider_plugin.go).
             rec.id, rec.outputs = (old.id if old else ""), checked.inputs
@@ -401,7 +402,9 @@ class LocalEngine(pulumi_mocks.Mocks):
 
     # -- pulumi-hcloud stand-ins -------------------------------------------------------------------
 
-    def _server(self, key: str, rec: Recorded, old: Recorded | None) -> tuple[str, Recorded]:
+    def _server(
+        self, key: str, rec: Recorded, old: Recorded | None, options: Mapping[str, Any]
+    ) -> tuple[str, Recorded]:
         inputs = rec.inputs
         paths: tuple[str, ...] = ()
         op = "create"
@@ -416,14 +419,16 @@ class LocalEngine(pulumi_mocks.Mocks):
             elif op == "update":
                 assert old is not None
                 rec.id, rec.outputs = old.id, {**old.outputs, **inputs}
-            else:
-                rec.id = old.id if old else ""
+            else:  # created or replaced: a new server, whose ID and addresses only the API will know
+                rec.id = ""
                 rec.outputs = {**inputs, **{k: pulumi.output.UNKNOWN for k in SERVER_COMPUTED}}
             self._step(key, rec, op, paths)
             return op, rec
         unsupported = sorted({p.split(".")[0].split("[")[0] for p in paths} & set(SERVER_CREATE_ONLY))
         if op == "update" and unsupported:
             raise UpFailed(f"{key}: the local engine's pulumi-hcloud stand-in sets {unsupported} only at creation")
+        if op == "replace" and old is not None and options.get("delete_before_replace"):
+            self._delete_server(old)
         if op in ("create", "replace"):
             server = self._create_server(inputs)
         else:
@@ -438,7 +443,7 @@ class LocalEngine(pulumi_mocks.Mocks):
             server = self.hcloud.servers.get_by_id(int(old.id))
         rec.id, rec.outputs = str(server.id), self._server_outputs(server, inputs)
         self._step(key, rec, op, paths)
-        if op == "replace" and old is not None:
+        if op == "replace" and old is not None and not options.get("delete_before_replace"):
             self._delete_server(old)
         return op, rec
 
@@ -679,6 +684,7 @@ class LocalEngine(pulumi_mocks.Mocks):
 
     def _program(self, program: Callable[[], Any], preview: bool) -> Any:
         loop = asyncio.new_event_loop()
+        loop.set_exception_handler(_quiet_after_failure)
         # Resource registrations block a thread each until the resource is done. The Python language host
         # sizes this pool by `pulumi up --parallel` (default unbounded); asyncio's default of cpu count + 4
         # would let only 6 servers be created at once on 2 cores.
@@ -766,6 +772,16 @@ class LocalEngine(pulumi_mocks.Mocks):
         with self._run(preview=False):
             self._delete_all(set(self.state))
             return self._plan
+
+
+def _quiet_after_failure(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """After a failed run the SDK leaves the outputs of every resource that depended on the failure holding
+    that same error, and its pending tasks: asyncio would print each of them (thousands of lines for one
+    error the run already reported). Anything else goes to asyncio's default handler."""
+    message = str(context.get("message", ""))
+    if message.startswith(("Future exception was never retrieved", "Task was destroyed but it is pending")):
+        return
+    loop.default_exception_handler(context)
 
 
 def generated_keys(state: Mapping[str, Recorded], fleet: str) -> dict[str, Any]:

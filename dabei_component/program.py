@@ -16,6 +16,8 @@ Stack config (namespace `nix-dabei`):
 
 from __future__ import annotations
 
+import contextlib
+import math
 import re
 from typing import Any
 
@@ -101,15 +103,16 @@ def _firewall_id(prop: str, value: Any, problems: Problems) -> Any:
 
 
 def _seconds(prop: str, value: Any, problems: Problems) -> Any:
+    seconds = None
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    problems.append((prop, f"expected a number of seconds such as 900, got {value!r}"))
-    return None
+        seconds = float(value)
+    elif isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            seconds = float(value)
+    if seconds is None or not math.isfinite(seconds):
+        problems.append((prop, f"expected a finite number of seconds such as 900, got {value!r}"))
+        return None
+    return seconds
 
 
 def _port(prop: str, value: Any, problems: Problems) -> int:

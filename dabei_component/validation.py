@@ -139,8 +139,8 @@ def disk(prop: str, value: Any) -> list[Problem]:
 
 
 def positive_seconds(prop: str, value: Any) -> list[Problem]:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        return [(prop, f"expected a positive number of seconds, got {value!r}")]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        return [(prop, f"expected a positive number of seconds (finite), got {value!r}")]
     return []
 
 

@@ -86,6 +86,14 @@ def is_unknown(value: Any) -> bool:
     return False
 
 
+def reinstall_requests(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[str]:
+    """Every reinstall request ID a host has been given, recorded so that none acts twice: putting an
+    earlier ID back (a reverted pull request) is no new request."""
+    seen = set((old or {}).get("reinstalls") or [])
+    seen.update(r for r in ((old or {}).get("reinstall"), new.get("reinstall")) if isinstance(r, str) and r)
+    return sorted(seen)
+
+
 def secret_options(provider: type[FleetStep], opts: pulumi.ResourceOptions | None) -> pulumi.ResourceOptions:
     """The resource options of a step, with its secret inputs marked secret as outputs too."""
     secret = pulumi.ResourceOptions(additional_secret_outputs=list(provider.secret_inputs))
@@ -263,6 +271,8 @@ class FleetStep(ResourceProvider):
     def create(self, props: dict[str, Any]) -> CreateResult:
         hosts = dict(props["hosts"])
         results = self._run(props, hosts, list(hosts))
+        for name, result in results.items():
+            result["reinstalls"] = reinstall_requests(None, hosts[name])
         return CreateResult(f"{self.step}-{uuid.uuid4().hex[:12]}", self._outputs(props, results))
 
     def update(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
@@ -274,6 +284,7 @@ class FleetStep(ResourceProvider):
         for name in hosts:
             if name not in todo:
                 results[name] = self.keep(old_hosts[name], hosts[name])
+            results[name]["reinstalls"] = reinstall_requests(old_hosts.get(name), hosts[name])
         return UpdateResult(self._outputs(news, results))
 
     def keep(self, old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:

@@ -156,13 +156,14 @@ def check_catalog(provider: FleetStep, hosts: Any) -> list[CheckFailure]:
 
 def wants_install(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
     """A host is installed when it is new or its server was replaced, and reinstalled (its disk wiped)
-    only on an explicit request: a `reinstall` ID other than the one it was last installed under. A new
+    only on an explicit request: a `reinstall` ID it has never been given before (see
+    `base.reinstall_requests`). A new
     image is not a request: it applies to hosts installed from then on, so a routine image bump (a
     `nix flake update`) never destroys data."""
     if old is None or old.get("server_id") != new.get("server_id"):
         return True
     request = new.get("reinstall")
-    return bool(request) and request != old.get("reinstall")
+    return bool(request) and request != old.get("reinstall") and request not in (old.get("reinstalls") or [])
 
 
 class RescueProvider(FleetStep):

@@ -49,7 +49,7 @@ let
     network_reload_command = [ "${config.systemd.package}/bin/networkctl" "reload" ];
     switch_wait_command = [ "${waitForSwitch}" ];
     # `nix-dabei grow` (zfs-image.nix) expands this pool after its partition.
-    grow_pool = config.nix-dabei.image.poolName or null;
+    grow_pool = config.nix-dabei.poolName or null;
     # What `nixos-rebuild switch --rollback` runs, to the generation recorded before the switch
     # (nixpkgs pkgs/by-name/ni/nixos-rebuild-ng/src/nixos_rebuild/nix.py: rollback, switch_to_configuration).
     switch_generation_command = [ "${config.nix.package}/bin/nix-env" "--profile" "/nix/var/nix/profiles/system"

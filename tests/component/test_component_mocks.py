@@ -256,3 +256,14 @@ def test_key_plan_reuses_keys_by_fingerprint_and_keeps_the_fleets_own_upload() -
     }
     assert plan.authorized["b"] == [bare, fresh.public.replace(" d@x", " other@host")]
     assert [p for p, _ in plan.problems] == ["hosts[1].ssh_keys[4]", "hosts[1].ssh_keys[5]"]
+
+
+@pytest.mark.parametrize("comment", ["jürgen@büro", "ops\u00a0laptop", "🔑 key", "ops: laptop (2) é"])
+def test_a_pasted_key_with_any_comment_is_a_key(comment: str) -> None:
+    """Comments are no part of a key: one that asyncssh would not decode (not ASCII) does not make the
+    line a key name."""
+    from dabei_component.keys import read_public_key
+
+    pair = generate_ssh_keypair()
+    read = read_public_key(f"{pair.public} {comment}")
+    assert read is not None and read.blob == " ".join(pair.public.split()[:2])

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from dabei_component.component import InvalidArgs, validate
 from dabei_component.keys import generate_ssh_keypair
@@ -164,17 +163,3 @@ def test_check_puts_the_in_place_batches_into_the_inputs() -> None:
     assert checked.inputs["rollout"] == {"max_unavailable": "50%", "confirm_seconds": 60.0, "batches": [["a", "c"]]}
     # Nothing to switch: no batches.
     assert provider.check(old, dict(old)).inputs["rollout"]["batches"] == []
-
-
-def test_the_example_stack_config_reads_and_validates() -> None:
-    config = yaml.safe_load((PROJECT / "examples" / "fleet" / "Pulumi.example.yaml").read_text())["config"]
-    args = fleet_args_from_config(
-        config["nix-dabei:image"],
-        config["nix-dabei:hosts"],
-        config.get("nix-dabei:deadlines"),
-        health_checks=config.get("nix-dabei:healthChecks"),
-        rollout=config.get("nix-dabei:rollout"),
-    )
-    assert [c.name for c in args.health_checks] == ["sshd", "web"]
-    assert args.rollout == Rollout(max_unavailable=1, confirm_seconds=120.0)
-    assert validate(args) == []

@@ -193,8 +193,11 @@ def test_a_reinstall_request_reinstalls_exactly_that_host(engine: LocalEngine, s
     assert after["ri-1"]["boot_id"] != before["ri-1"]["boot_id"]
     assert after["ri-2"] == before["ri-2"]
     assert preview(engine, request, "ri") == {}
-    # Taking the request out again is no new request.
+    # Taking the request out again is no new request, and neither is putting it back (a reverted pull
+    # request): only an ID the host was never given wipes it.
     assert preview(engine, fleet(sim, "ri"), "ri") == {}
+    up(engine, fleet(sim, "ri"), "ri")
+    assert preview(engine, request, "ri") == {}
 
 
 def test_a_new_server_type_resizes_in_place_keeps_the_disk_and_grows_the_pool(
@@ -261,6 +264,23 @@ def test_new_ssh_keys_are_set_on_the_running_host_in_place(engine: LocalEngine, 
     assert preview(engine, without, "sk")["sk-firstboot"] == (UPDATE, ("hosts.sk-1.authorized_keys",))
     up(engine, without, "sk")
     assert not logs_in()
+
+
+def test_a_new_location_replaces_the_server_and_installs_the_new_one(engine: LocalEngine, sim: SimHandle) -> None:
+    up(engine, fleet(sim, "lc", 1), "lc")
+    before = step_hosts(engine, "lc", "firstboot")["lc-1"]
+    moved = fleet(sim, "lc", 1, location="hel1")
+    changes = preview(engine, moved, "lc")
+    assert changes["lc-lc-1-server"] == ("replace", ("location",))
+    # The new server's ID is not known yet: every step shows that host acting.
+    for step in ("lc-rescue", "lc-install", "lc-firstboot"):
+        assert changes[step][0] == UPDATE and any(p.startswith("hosts.lc-1.") for p in changes[step][1]), step
+    up(engine, moved, "lc")
+    after = step_hosts(engine, "lc", "firstboot")["lc-1"]
+    assert after["server_id"] != before["server_id"] and after["system"]
+    server = Client(token=sim.token, api_endpoint=sim.endpoint).servers.get_by_name("lc-1")
+    assert server is not None and server.location is not None and server.location.name == "hel1"
+    assert preview(engine, moved, "lc") == {}
 
 
 def _digest(disk: Path, offset: int, size: int) -> str:

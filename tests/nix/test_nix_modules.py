@@ -31,6 +31,9 @@ def test_seed_reads_the_partition_table_before_it_grows() -> None:
     assert {"sshd.service", "sshd-keygen.service"} <= set(seed["before"])
     # No gate on seed.json: a seed whose wipe failed is found and wiped on a later boot.
     assert "ConditionPathExists" not in seed.get("unitConfig", {})
+    # The program expands the image's pool (the option path the module really reads).
+    program = json.loads(module("firstboot.nix", 'config.content.environment.etc."nix-dabei/config.json".text'))
+    assert program["grow_pool"] == "rpool"
     # Growing runs on every boot (a resize makes the disk bigger under an installed system), by the program.
     assert "ConditionPathExists" not in grow["content"].get("unitConfig", {})
     assert grow["content"]["serviceConfig"]["ExecStart"].endswith(" grow")

@@ -1,0 +1,3 @@
+# An arm64 worker (CAX): nothing but the shared configuration.
+{ ... }:
+{ }
