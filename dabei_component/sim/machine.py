@@ -375,8 +375,9 @@ class Machine:
         self.log_boot(f"cut {len(sessions)} SSH connection(s) (the active system's switch)")
 
     async def serve_app(self, root: Path, port: int) -> None:
-        """The installed system's HTTP endpoint on ipv4:port: 200 while the active configuration is healthy,
-        503 when it says `health: failing` (a target for the deployer's HTTP and TCP probes)."""
+        """The installed system's HTTP endpoint on the machine's address (an IPv6-only server's IPv6) and
+        `port`: 200 while the active configuration is healthy, 503 when it says `health: failing` (a target
+        for the deployer's HTTP and TCP probes)."""
 
         async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
