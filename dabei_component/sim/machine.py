@@ -385,8 +385,9 @@ class Machine:
         self.log_boot(f"cut {len(sessions)} SSH connection(s) (the active system's switch)")
 
     async def serve_app(self, root: Path, port: int) -> None:
-        """The installed system's HTTP endpoint on ipv4:port: 200 while the active configuration is healthy,
-        503 when it says `health: failing` (a target for the deployer's HTTP and TCP probes)."""
+        """The installed system's HTTP endpoint on the machine's address (an IPv6-only server's IPv6) and
+        `port`: 200 while the active configuration is healthy, 503 when it says `health: failing` (a target
+        for the deployer's HTTP and TCP probes)."""
 
         async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
@@ -593,8 +594,10 @@ class InstalledNixosHook:
             "LANG": "C.UTF-8",
         }
         await _run_logged(machine, ["nix-dabei", "seed"], env)
-        # nix-dabei-grow.service, after the seed on every boot: the partition takes a disk that grew.
-        await _run_logged(machine, ["nix-dabei", "grow"], env)
+        # nix-dabei-grow.service, after the seed on every boot: the partition takes a disk that grew. Like
+        # the unit, a failure is logged and the boot goes on (the system runs on the partition it has).
+        with contextlib.suppress(RuntimeError):
+            await _run_logged(machine, ["nix-dabei", "grow"], env)
         if not host_key.exists():
             raise RuntimeError(f"no host key at {host_key} after 'nix-dabei seed'")
         await machine.start_installed_sshd(

@@ -8,6 +8,7 @@ the simulator's real sshd and first-boot program), then previews again and expec
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from dabei_component.component import FleetArgs, HostArgs
 from dabei_component.demo import SimHandle, demo_args, demo_flake
 from dabei_component.localup import HCLOUD_SERVER, LocalEngine, UpFailed, generated_keys
 from dabei_component.program import declare, fleet_args_from_config
+from dabei_component.provider_server import ProviderServer
 from dabei_component.sim.client import ControlClient
 from dabei_component.ssh import connect, run
 
@@ -66,7 +68,7 @@ async def _on_host(address: str, port: int, deploy_key: str, host_key: str, scri
 
 
 def test_server_settings_pass_through_and_an_ipv6_only_host_converges(
-    engine: LocalEngine, sim: SimHandle, control: ControlClient, tmp_path: Path
+    engine: LocalEngine, sim: SimHandle, control: ControlClient, provider: ProviderServer, tmp_path: Path
 ) -> None:
     api = client(sim)
     network = api.networks.create(
@@ -129,6 +131,11 @@ def test_server_settings_pass_through_and_an_ipv6_only_host_converges(
     assert "Linux" in engine.state["command:remote:Command::cs-2-uname"].outputs["stdout"]
     connection = rpc.unwrap_rpc_secret(engine.state["command:remote:Command::cs-2-uname"].inputs["connection"])
     assert rpc.unwrap_rpc_secret(connection["host"]) == two["ipv6_address"]
+    # The relay runs between IPv4 addresses: the IPv6-only host was written directly, in the same call.
+    log = provider.log_path.read_text()
+    assert "[cs-2] install: IPv6-only host: not in the relay" in log
+    assert re.search(r"\[cs-2\] install: writing the image to /dev/sda \(.*\), streamed directly", log)
+    assert "[cs-1] install: write attempt 1 failed" not in log
     instance = (Path(two["machine"]["rootfs"]) / "var/lib/nix-dabei/instance-data.json").read_text()
     assert '"public_ipv4": null' in instance and '"ipv4_dhcp": false' in instance
 

@@ -16,7 +16,7 @@ import pytest
 from test_fleet import dynamic_state, host_status
 
 from dabei_component.demo import SimHandle, demo_args
-from dabei_component.localup import HCLOUD_SERVER, LocalEngine, Recorded, UpFailed
+from dabei_component.localup import HCLOUD_SERVER, LocalEngine, Recorded, UpFailed, generated_keys
 from dabei_component.program import declare
 from dabei_component.provider_server import ProviderServer
 from dabei_component.sim.client import ControlClient
@@ -58,7 +58,7 @@ def test_hosts_relay_the_image_and_one_broken_relay_falls_back(
     finally:
         control.request("PUT", "/uplink", {"bits_per_second": None})
 
-    keys = dynamic_state(engine, "fr-keys").outputs
+    keys = generated_keys(engine.state, "fr")
     install = dynamic_state(engine, "fr-install").outputs["hosts"]
     assert sorted(outputs["hosts"]) == ["relay-1", "relay-2", "relay-3", "relay-4"]
     for name, host in outputs["hosts"].items():

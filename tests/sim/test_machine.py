@@ -16,6 +16,7 @@ import asyncssh
 import pytest
 import yaml
 from aiohttp import web
+from dabei_firstboot.grow import PARTITION_NAME as POOL
 from dabei_firstboot.seed import PARTITION_NAME, SeedEmpty, read_seed, write_seed
 
 from dabei_component.demo import write_fixture_flake
@@ -379,7 +380,15 @@ async def metadata_url() -> AsyncIterator[str]:
 
 def partition_disk(disk: Path) -> None:
     subprocess.run(
-        ["sgdisk", "--new=1:2048:+1M", f"--change-name=1:{PARTITION_NAME}", "--new=2:0:0", str(disk)],
+        # The seed partition, then the pool's partition by the name `nix-dabei grow` looks for.
+        [
+            "sgdisk",
+            "--new=1:2048:+1M",
+            f"--change-name=1:{PARTITION_NAME}",
+            "--new=2:0:0",
+            f"--change-name=2:{POOL}",
+            str(disk),
+        ],
         check=True,
         capture_output=True,
     )
