@@ -23,8 +23,8 @@
         arm-1 = host "aarch64-linux" [ ./hosts/worker.nix ];
       };
 
-      # The shared images (no per-host data: the seed brings it). `image.attr` in the stack config names
-      # `packages.x86_64-linux.image`; the arm64 image is `packages.aarch64-linux.image`.
+      # The shared images, one per architecture (no per-host data: the seed brings it). `image.attr` in the
+      # stack config, `packages.{system}.image`, picks each host's by its server type.
       packages = nixpkgs.lib.genAttrs [ "x86_64-linux" "aarch64-linux" ] (system: {
         image = nix-dabei.packages.${system}.image;
       });

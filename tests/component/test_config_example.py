@@ -70,6 +70,7 @@ def test_the_example_flake_defines_the_stacks_hosts_for_their_systems() -> None:
     stack_hosts = {h["name"]: SYSTEMS[h["serverType"]] for h in stack_config()["nix-dabei:hosts"]}
     assert evaluated["hosts"] == stack_hosts
     assert set(evaluated["images"]) == {"x86_64-linux", "aarch64-linux"}
-    # The image output the stack config names exists.
-    attr = stack_config()["nix-dabei:image"]["attr"].split(".")
-    assert attr[0] == "packages" and attr[1] in evaluated["images"] and attr[2] == "image"
+    # The image output the stack config names exists for every system the stack's server types need.
+    args = fleet_args_from_config(stack_config()["nix-dabei:image"], stack_config()["nix-dabei:hosts"], None)
+    for system in set(stack_hosts.values()):
+        assert args.image.attr_for(system) == f"packages.{system}.image"
