@@ -313,6 +313,18 @@ class FleetStep(ResourceProvider):
         outs["hosts"] = {name: hosts[name] for name in sorted(hosts)}
         return outs
 
+    def call_state(
+        self, props: Mapping[str, Any], hosts: Mapping[str, Any], todo: list[str], olds: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """What one call of the step shares among the hosts it acts on (`todo`), handed to `apply_host` in
+        `props` under keys that start with `__` (never inputs: the engine never sees them). None here."""
+        return {}
+
+    def with_upstream(self, props: Mapping[str, Any], hosts: Mapping[str, Any], name: str) -> dict[str, Any]:
+        """The host's inputs with what the step before recorded for it (`upstream`), as `apply_host` gets them."""
+        before = (props.get(self.upstream) or {}) if self.upstream else {}
+        return {**hosts[name], **(before.get(name) or {})}
+
     def _run(
         self,
         props: dict[str, Any],
@@ -320,10 +332,12 @@ class FleetStep(ResourceProvider):
         todo: list[str],
         olds: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        async def one(ctx: HostContext, host: dict[str, Any]) -> dict[str, Any]:
-            return {**host, **await self.apply_host(ctx, host, props)}
+        shared = {**props, **self.call_state(props, hosts, todo, olds or {})}
 
-        return self._gather(props, hosts, todo, one, olds or {})
+        async def one(ctx: HostContext, host: dict[str, Any]) -> dict[str, Any]:
+            return {**host, **await self.apply_host(ctx, host, shared)}
+
+        return self._gather(shared, hosts, todo, one, olds or {})
 
     def _gather(
         self,
@@ -337,11 +351,9 @@ class FleetStep(ResourceProvider):
             return {}
         deadline = time.monotonic() + float(props.get("deadline_seconds") or 1800)
 
-        before = (props.get(self.upstream) or {}) if self.upstream else {}
-
         async def guarded(name: str) -> tuple[str, dict[str, Any] | None, str | None]:
             ctx = HostContext(name=name, step=self.step, deadline=deadline, old=(olds or {}).get(name))
-            host = {**hosts[name], **(before.get(name) or {})}
+            host = self.with_upstream(props, hosts, name)
             try:
                 result = await asyncio.wait_for(fn(ctx, host), timeout=ctx.remaining() + 5)
                 return name, result, None

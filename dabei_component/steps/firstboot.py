@@ -42,7 +42,7 @@ _READ_SECONDS = 20.0
 _CONFIRM_MARGIN_SECONDS = 3.0
 # After a window ended unconfirmed: how long the host may take to roll back and answer again.
 _ROLLBACK_GRACE_SECONDS = 60.0
-# Where `_run` hands the rollout's gate to `apply_host` (never an input: the engine never sees it).
+# Where `call_state` hands the rollout's gate to `apply_host`.
 _GATE = "__rollout_gate"
 
 
@@ -162,19 +162,14 @@ class FirstBootProvider(FleetStep):
             pulumi.log.info(f"firstboot: in-place rollout in {len(batches)} batch(es): {text}")
         return CheckResult({**news, "rollout": {**plan, "batches": batches}}, [])
 
-    def _run(
-        self,
-        props: dict[str, Any],
-        hosts: dict[str, Any],
-        todo: list[str],
-        olds: Mapping[str, Any] | None = None,
+    def call_state(
+        self, props: Mapping[str, Any], hosts: Mapping[str, Any], todo: list[str], olds: Mapping[str, Any]
     ) -> dict[str, Any]:
         """Hosts switched in place go batch by batch through a gate; installs run at once."""
-        before = props.get(self.upstream or "") or {}
-        in_place = [n for n in todo if self._in_place((olds or {}).get(n), {**hosts[n], **(before.get(n) or {})})]
+        in_place = [n for n in todo if self._in_place(olds.get(n), self.with_upstream(props, hosts, n))]
         plan = props.get("rollout") or {}
-        gate = rollout.RolloutGate(rollout.plan_batches(in_place, plan.get("max_unavailable", "1"), len(hosts)))
-        return super()._run({**props, _GATE: gate}, hosts, todo, olds)
+        batches = rollout.plan_batches(in_place, plan.get("max_unavailable", "1"), len(hosts))
+        return {_GATE: rollout.RolloutGate(batches)}
 
     @staticmethod
     def _in_place(old: Mapping[str, Any] | None, host: Mapping[str, Any]) -> bool:

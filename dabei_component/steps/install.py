@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 from collections.abc import Mapping
 from typing import Any
 
@@ -117,8 +116,12 @@ class FleetWrite:
                 future.set_result(outcome.get(name, DiskWriteError("the relay did not report this host")))
 
 
-# One relay group per Nix system, by system.
-_FLEET: contextvars.ContextVar[dict[str, FleetWrite] | None] = contextvars.ContextVar("dabei_fleet_write", default=None)
+# Where `call_state` hands the relay groups ({Nix system: FleetWrite}) to `apply_host`.
+_RELAYS = "__relays"
+
+
+def _system(host: Mapping[str, Any]) -> str:
+    return str(host.get("platform") or "x86_64-linux")
 
 
 def _progress_log(ctx: HostContext) -> ProgressCallback:
@@ -227,21 +230,14 @@ class InstallProvider(FleetStep):
             raise
         return RescueSession(conn, host_key, boot_id, action_id)
 
-    def _run(
-        self,
-        props: dict[str, Any],
-        hosts: dict[str, Any],
-        todo: list[str],
-        olds: Mapping[str, Any] | None = None,
+    def call_state(
+        self, props: Mapping[str, Any], hosts: Mapping[str, Any], todo: list[str], olds: Mapping[str, Any]
     ) -> dict[str, Any]:
+        """One relay group per Nix system: hosts relay the image only to hosts of their own system."""
         by_system: dict[str, list[str]] = {}
         for name in todo:
-            by_system.setdefault(hosts[name].get("platform") or "x86_64-linux", []).append(name)
-        token = _FLEET.set({system: FleetWrite(names) for system, names in by_system.items()})
-        try:
-            return super()._run(props, hosts, todo, olds)
-        finally:
-            _FLEET.reset(token)
+            by_system.setdefault(_system(hosts[name]), []).append(name)
+        return {_RELAYS: {system: FleetWrite(names) for system, names in by_system.items()}}
 
     async def _write(
         self,
@@ -250,11 +246,13 @@ class InstallProvider(FleetStep):
         host: Mapping[str, Any],
         image: PreparedImage,
         seed: bytes,
-        relay: FleetWrite | None,
+        fleet: FleetWrite | None,
+        relayed: bool,
     ) -> WriteReport:
+        """One write of the image: through the relay (`relayed`, the first attempt), else directly, within
+        the byte budget the fleet's writes share."""
         disk = host.get("disk") or "/dev/sda"
-        groups = _FLEET.get()
-        fleet = groups.get(host.get("platform") or "x86_64-linux") if groups is not None else None
+        relay = fleet if relayed else None
         try:
             if relay is not None and not host.get("ipv4"):
                 # The relay runs between the hosts' IPv4 addresses; an IPv6-only host is written directly.
@@ -281,9 +279,7 @@ class InstallProvider(FleetStep):
             session.conn.close()
 
     async def apply_host(self, ctx: HostContext, host: dict[str, Any], props: dict[str, Any]) -> dict[str, Any]:
-        # Hosts relay the image only to hosts of their own Nix system (one relay group per image).
-        groups = _FLEET.get()
-        fleet = groups.get(host.get("platform") or "x86_64-linux") if groups is not None else None
+        fleet = (props.get(_RELAYS) or {}).get(_system(host))
         try:
             return await self._install(ctx, host, props, fleet)
         finally:
@@ -323,7 +319,7 @@ class InstallProvider(FleetStep):
                 session = await enter_rescue(ctx, self, host, props)
             pin = (session.host_key, session.action_id)
             try:
-                report = await self._write(ctx, session, host, prepared, seed, fleet if attempt == 1 else None)
+                report = await self._write(ctx, session, host, prepared, seed, fleet, relayed=attempt == 1)
                 break
             except DiskRefused as exc:
                 raise HostError(str(exc)) from None
