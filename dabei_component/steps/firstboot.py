@@ -25,6 +25,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import asyncssh
 import pulumi
@@ -65,16 +66,29 @@ def _rolled_back(record: Mapping[str, Any] | None, shown: Mapping[str, str] | No
 
 
 def needs_switch(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
-    """A new flake, a new source (evaluation off) or a new system (the recorded one is what the host ran at
-    convergence; no expected one: evaluation is off)."""
-    if any(old.get(f) != new.get(f) for f in ("flake", "source")):
+    """A new flake; with evaluation on, a new system (the recorded one is what the host ran at convergence);
+    with evaluation off, another source than the one the host built. Turning evaluation on or off alone
+    switches nothing."""
+    if old.get("flake") != new.get("flake"):
         return True
-    return new.get("system") is not None and old.get("system") != new.get("system")
+    if new.get("system") is not None:
+        return old.get("system") != new.get("system")
+    return new.get("source") is not None and new.get("source") != built_source(old)
+
+
+def built_source(old: Mapping[str, Any]) -> str | None:
+    """The content hash of the source a host built: recorded with evaluation off, else in its `host_ref`
+    (`path:/var/lib/nix-dabei/flakes/<id>?narHash=<hash>`)."""
+    if old.get("source"):
+        return str(old["source"])
+    hashes = parse_qs(urlsplit(str(old.get("host_ref") or "")).query).get("narHash")
+    return hashes[0] if hashes else None
 
 
 def in_place_candidates(olds: Mapping[str, Any], news: Mapping[str, Any]) -> list[str]:
     """Hosts an update would switch in place, as far as the inputs tell (a preview knows nothing more): an
-    installed host, not reinstalled, whose flake, source or system changed."""
+    installed host, not reinstalled, whose flake, source or system changed. A host a refresh found drifted
+    is not among them (check sees inputs, the drift is in the outputs); the run's gate adds it."""
     found = []
     for name, new in news.items():
         old = olds.get(name)

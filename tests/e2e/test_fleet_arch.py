@@ -252,3 +252,20 @@ def test_a_host_its_flake_does_not_define_is_refused_at_preview_naming_it(
     assert "nixosConfigurations" in text and "nd-2" in text
     assert "hosts[0]" not in text
     assert servers_named(sim, "nd-") == []
+
+
+def test_turning_evaluation_off_and_on_switches_no_host(engine: LocalEngine, sim: SimHandle, tmp_path: Path) -> None:
+    flake = write_fixture_flake(tmp_path / "infra", {"tg-1": "x86_64-linux", "tg-2": "x86_64-linux"})
+    args = demo_args(2, ssh_port=sim.ssh_port, prefix="tg")
+    for host in args.hosts:
+        host.flake = str(flake)
+    up(engine, args, "tg")
+    booted = step_hosts(engine, "tg", "firstboot")
+    args.evaluate = False
+    assert preview(engine, args, "tg") == {}, "the sources are the ones the hosts built"
+    up(engine, args, "tg")
+    args.evaluate = True
+    assert preview(engine, args, "tg") == {}, "the systems are the ones the hosts run"
+    up(engine, args, "tg")
+    after = step_hosts(engine, "tg", "firstboot")
+    assert {n: h["converged_at"] for n, h in after.items()} == {n: h["converged_at"] for n, h in booted.items()}
