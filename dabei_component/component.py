@@ -30,6 +30,7 @@ import pulumi_command as command
 import pulumi_hcloud as hcloud
 
 from . import flakes, server_options, validation
+from .hetzner import SYSTEMS
 from .keys import PublicKey, known_hosts_line
 from .recipients import recipients
 from .rollout import HealthCheck, Rollout, check_health_check, check_rollout
@@ -49,11 +50,6 @@ class Deadlines:
     rescue: float = 900
     install: float = 1800
     firstboot: float = 1800
-
-
-# The Nix system of each architecture in Hetzner's server type catalog (`architecture` of
-# GET /server_types: `x86` for CX, CPX, CCX, booting by BIOS; `arm` for CAX, booting by UEFI).
-SYSTEMS = {"x86": "x86_64-linux", "arm": "aarch64-linux"}
 
 
 @dataclass

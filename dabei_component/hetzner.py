@@ -62,6 +62,11 @@ class HetznerError(RuntimeError):
     """A Hetzner Cloud call failed for good; the message names the server and the call."""
 
 
+# The Nix system of each architecture in Hetzner's server type catalog (`architecture` of
+# GET /server_types: `x86` for CX, CPX, CCX, booting by BIOS; `arm` for CAX, booting by UEFI).
+SYSTEMS = {"x86": "x86_64-linux", "arm": "aarch64-linux"}
+
+
 @dataclass(frozen=True)
 class ServerInfo:
     id: int
@@ -72,6 +77,8 @@ class ServerInfo:
     rescue_enabled: bool
     disk_bytes: int
     locked: bool  # an action runs on the server
+    server_type: str = ""
+    architecture: str = ""  # the server type's: "x86" or "arm"
 
 
 def _no_log(_message: str) -> None:
@@ -175,6 +182,8 @@ class HetznerApi:
             rescue_enabled=bool(s.rescue_enabled),
             disk_bytes=int(s.server_type.disk or 0) * 1000**3 if s.server_type else 0,
             locked=bool(s.locked),
+            server_type=str(s.server_type.name or "") if s.server_type else "",
+            architecture=str(s.server_type.architecture or "") if s.server_type else "",
         )
 
     def wait_unlocked(self, server_id: int, deadline: float) -> None:

@@ -18,7 +18,7 @@ import asyncssh
 import pulumi
 from pulumi.dynamic import CheckFailure
 
-from ..hetzner import HetznerApi, HetznerError
+from ..hetzner import SYSTEMS, HetznerApi, HetznerError, ServerInfo
 from ..ssh import SshError, connect, run
 from .base import FleetStep, HostContext, HostError, as_int, host_address, is_unknown, secret_options
 
@@ -58,6 +58,20 @@ class RescueSession:
     action_id: int
 
 
+def refuse_other_architecture(server: ServerInfo, host: Mapping[str, Any]) -> None:
+    """Raise HostError when the server's architecture (the API's server type) is not the one the host's
+    image was chosen for (`platform`): its firmware would not boot it. Checked before rescue, so nothing is
+    written; the preview refuses the same for every server whose type it can read."""
+    system = SYSTEMS.get(server.architecture)
+    wanted = host.get("platform")
+    if system and wanted and system != wanted:
+        raise HostError(
+            f"server {server.id} is a {server.server_type} ({server.architecture}, {system}), but its image is "
+            f"for {wanted}: refused before anything is written (an existing server given as a resource gets "
+            f"the x86_64 image; give an arm server by its ID)"
+        )
+
+
 async def enter_rescue(
     ctx: HostContext, provider: FleetStep, host: Mapping[str, Any], props: Mapping[str, Any]
 ) -> RescueSession:
@@ -66,9 +80,10 @@ async def enter_rescue(
     server_id = as_int(host["server_id"])
     key_ids = [as_int(k) for k in props["rescue_ssh_key_ids"]]
     try:
+        server = await asyncio.to_thread(api.server, server_id, ctx.deadline)
+        refuse_other_architecture(server, host)
         ctx.log("enabling rescue and resetting")
         await asyncio.to_thread(api.enable_rescue, server_id, key_ids, ctx.deadline)
-        server = await asyncio.to_thread(api.server, server_id, ctx.deadline)
         if server.status == "off":
             action_id = await asyncio.to_thread(api.power_on, server_id, ctx.deadline)
         else:

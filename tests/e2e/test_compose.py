@@ -47,7 +47,7 @@ def up(engine: LocalEngine, program: Any) -> dict[str, Any]:
 
 
 # A real hosts' flake defining every host of these tests (the deployer evaluates each host's system).
-FLAKE = demo_flake(dict.fromkeys(("cs-1", "cs-2", "ex-1", "er-1", "bad-1", "nm-1"), "x86_64-linux"))
+FLAKE = demo_flake(dict.fromkeys(("cs-1", "cs-2", "ex-1", "er-1", "ea-1", "bad-1", "nm-1"), "x86_64-linux"))
 
 
 def with_hosts(sim: SimHandle, hosts: list[HostArgs]) -> FleetArgs:
@@ -244,6 +244,24 @@ def test_a_server_resource_of_the_program_is_installed_and_outlives_the_fleet(
     up(engine, program)  # the fleet is gone from the program: its resources are deleted, the server stays
     assert engine.state[f"{HCLOUD_SERVER}::er-1"].id == str(server_id)
     assert api.servers.get_by_id(server_id).status == "running"
+    engine.destroy()
+
+
+def test_an_arm_server_resource_is_refused_before_its_disk_is_touched(engine: LocalEngine, sim: SimHandle) -> None:
+    """A server given as a resource has no server type the program can read: it gets the x86_64 image, and
+    the rescue step refuses it by the API's architecture before rescue, so nothing is written."""
+    api = client(sim)
+
+    def program() -> Any:
+        server = hcloud.Server("ea-1", name="ea-1", server_type="cax11", location="hel1", image="debian-12")
+        return declare(with_hosts(sim, [HostArgs(name="ea-1", flake=FLAKE, existing_server=server)]), name="ea")
+
+    with pytest.raises(UpFailed) as refused:
+        engine.up(program)
+    text = str(refused.value)
+    assert "is a cax11 (arm, aarch64-linux), but its image is for x86_64-linux: refused before anything" in text
+    made = api.servers.get_by_name("ea-1")
+    assert made is not None and made.status == "running" and not made.rescue_enabled
     engine.destroy()
 
 
