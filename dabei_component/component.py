@@ -123,6 +123,9 @@ class FleetArgs:
     # Evaluate each host's system at preview (needs a deployer that evaluates NixOS; off: the preview
     # says the systems are not known and a host acts on any change of its flake's source).
     evaluate: bool = True
+    # Which inputs of the host flakes the deployer sends to the hosts (flakes.SEND_INPUTS): "local", the
+    # ones a host cannot fetch itself (local paths, git over SSH); "all", every one (private repositories).
+    send_inputs: str = "local"
     # Where relative flake paths start; None: the Pulumi project's directory.
     base_dir: str | None = None
     # Checked on every host after each switch and first boot (see rollout.py).
@@ -168,6 +171,8 @@ def validate(args: FleetArgs) -> list[validation.Problem]:
         problems.append(("rollout", f"expected a Rollout, got {type(args.rollout).__name__}"))
     else:
         problems += check_rollout("rollout", {**args.rollout.wire(), "max_unavailable": args.rollout.max_unavailable})
+    if args.send_inputs not in flakes.SEND_INPUTS:
+        problems.append(("send_inputs", f"expected one of {', '.join(flakes.SEND_INPUTS)}, got {args.send_inputs!r}"))
     return problems
 
 
@@ -364,7 +369,7 @@ def resolve_flakes(
         if host.flake in locked:
             continue
         try:
-            locked[host.flake] = flakes.lock(host.flake, base, nix_args)
+            locked[host.flake] = flakes.lock(host.flake, base, nix_args, args.send_inputs)
         except flakes.FlakeError as exc:
             problems.append((f"hosts[{i}].flake", str(exc)))
     systems: dict[str, str | None] = {h.name: None for h in args.hosts}

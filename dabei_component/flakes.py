@@ -7,6 +7,13 @@ to each host that acts, which then builds exactly that source: `path:/var/lib/ni
 its `narHash`. Local flakes (`.`, `./infra`, `/abs`, `path:`, `git+file:`) resolve against the Pulumi
 project's directory. With evaluation on, each host's `nixosConfigurations.<name>.config.system.build.toplevel`
 store path is evaluated in one `nix eval` for the whole fleet.
+
+A flake's own inputs are fetched by the host from their locked URLs, except those it cannot fetch: with
+`send_inputs="local"` (the default) the inputs only this machine reaches (local paths and files, git over
+SSH with the user's keys), with `"all"` every input (private `github:` repositories look like public ones).
+Their store paths are sent to the host's Nix store before the source (`nix-dabei receive --inputs`); a
+locked input already in the store is used as it is, which is what `nix flake archive --to` relies on (Nix
+manual, `nix flake archive`: "Upload all flake inputs to a different machine for remote evaluation").
 """
 
 from __future__ import annotations
@@ -15,8 +22,10 @@ import hashlib
 import json
 import os
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from .imaging import NIX_FEATURES
@@ -25,6 +34,8 @@ from .imaging import NIX_FEATURES
 HOST_FLAKES_DIR = "/var/lib/nix-dabei/flakes"
 _NIX_SECONDS = 600
 TOPLEVEL = "config.system.build.toplevel"
+# Which of a flake's inputs the deployer sends (the rest the host fetches itself).
+SEND_INPUTS = ("local", "all")
 
 
 class FlakeError(Exception):
@@ -36,11 +47,13 @@ class LockedFlake:
     """One host flake as locked on the deployer.
 
     `url`: Nix's locked URL (a `rev` for git, a `narHash` for paths), shown to reviewers; `nar_hash`: the
-    source's content hash; `path`: the store path of the source on the deployer (what is sent)."""
+    source's content hash; `path`: the store path of the source on the deployer (what is sent); `inputs`:
+    the store paths of the inputs sent with it, sorted (see the module docstring)."""
 
     url: str
     nar_hash: str
     path: str
+    inputs: tuple[str, ...] = ()
 
     @property
     def source_id(self) -> str:
@@ -50,13 +63,27 @@ class LockedFlake:
     @property
     def host_ref(self) -> str:
         """The flake reference a host builds: the sent source, pinned to its content hash."""
-        return _pinned(f"{HOST_FLAKES_DIR}/{self.source_id}", self.nar_hash)
+        return pinned(f"{HOST_FLAKES_DIR}/{self.source_id}", self.nar_hash)
 
-    def to_json(self) -> dict[str, str]:
-        return {"url": self.url, "nar_hash": self.nar_hash, "path": self.path, "host_ref": self.host_ref}
+    @property
+    def pinned_ref(self) -> str:
+        """The source on the deployer, pinned to its content: what `nix` here reads it as."""
+        return pinned(self.path, self.nar_hash)
+
+    def to_json(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {
+            "url": self.url,
+            "nar_hash": self.nar_hash,
+            "path": self.path,
+            "host_ref": self.host_ref,
+        }
+        if self.inputs:  # absent when none: sources recorded by earlier releases compare equal
+            wire["inputs"] = list(self.inputs)
+        return wire
 
 
-def _pinned(path: str, nar_hash: str) -> str:
+def pinned(path: str, nar_hash: str) -> str:
+    """`path:<path>?narHash=<hash>`: a flake directory pinned to its content."""
     return f"path:{path}?narHash={quote(nar_hash, safe='-')}"
 
 
@@ -82,9 +109,13 @@ def _nix(args: list[str], nix_args: list[str], cwd: str) -> str:
     return done.stdout
 
 
-def lock(ref: str, base_dir: str, nix_args: list[str] | tuple[str, ...] = ()) -> LockedFlake:
+def lock(
+    ref: str, base_dir: str, nix_args: list[str] | tuple[str, ...] = (), send_inputs: str = "local"
+) -> LockedFlake:
     """Lock `ref` (relative paths against `base_dir`): `nix flake metadata --json`, which also fetches the
-    source into the deployer's store. Raises FlakeError."""
+    source into the deployer's store, and find the inputs to send (`send_inputs`, see the module
+    docstring; `nix flake archive --json --dry-run` names their store paths, nothing is fetched). Raises
+    FlakeError."""
     cwd, arg = base_dir, ref
     if is_local_path(ref):
         directory = Path(base_dir, ref).resolve()
@@ -95,11 +126,63 @@ def lock(ref: str, base_dir: str, nix_args: list[str] | tuple[str, ...] = ()) ->
         cwd, arg = _path_ref(directory)
     try:
         meta = json.loads(_nix(["flake", "metadata", "--json", arg], list(nix_args), cwd))
-        return LockedFlake(url=str(meta["url"]), nar_hash=str(meta["locked"]["narHash"]), path=str(meta["path"]))
+        locked = LockedFlake(url=str(meta["url"]), nar_hash=str(meta["locked"]["narHash"]), path=str(meta["path"]))
     except FlakeError as exc:
         raise FlakeError(f"cannot lock flake {ref!r}: {exc}") from None
     except (ValueError, KeyError, TypeError):
         raise FlakeError(f"cannot lock flake {ref!r}: `nix flake metadata --json` answered no locked source") from None
+    sent = [node for node in _locked_inputs(meta.get("locks")) if send_inputs == "all" or not fetchable(node[1])]
+    if not sent:
+        return locked
+    try:
+        tree = json.loads(_nix(["flake", "archive", "--json", "--dry-run", locked.pinned_ref], list(nix_args), cwd))
+    except (FlakeError, ValueError) as exc:
+        raise FlakeError(f"cannot list the inputs of flake {ref!r}: {exc}") from None
+    paths = _archive_paths(tree)
+    missing = [" / ".join(names) for names, _ in sent if names not in paths]
+    if missing:
+        raise FlakeError(f"cannot find the store paths of the inputs {', '.join(missing)} of flake {ref!r}")
+    return LockedFlake(locked.url, locked.nar_hash, locked.path, tuple(sorted({paths[names] for names, _ in sent})))
+
+
+InputPath = tuple[str, ...]
+
+
+def fetchable(locked: dict[str, Any]) -> bool:
+    """Whether a host can fetch a locked input itself (a lock file node's `locked`): not a local path or
+    file (`path`, `file:` URLs), nor one reached over SSH (`git+ssh`), which needs the user's keys."""
+    url = str(locked.get("url") or "")
+    return locked.get("type") != "path" and not url.startswith(("file:", "ssh:", "git+ssh:"))
+
+
+def _locked_inputs(locks: Any) -> list[tuple[InputPath, dict[str, Any]]]:
+    """Every input of a lock file (`nix flake metadata --json`'s `locks`) that is a node of its own, by its
+    path of input names from the root (as `nix flake archive` nests them; `follows` are skipped there too),
+    with its `locked` attributes."""
+    if not isinstance(locks, dict) or not isinstance(locks.get("nodes"), dict):
+        return []
+    nodes: dict[str, Any] = locks["nodes"]
+    found: list[tuple[InputPath, dict[str, Any]]] = []
+
+    def walk(key: str, prefix: InputPath, seen: frozenset[str]) -> None:
+        for name, target in sorted((nodes.get(key) or {}).get("inputs", {}).items()):
+            if not isinstance(target, str) or target in seen:  # a list: `follows`, no node of its own
+                continue
+            node = nodes.get(target) or {}
+            found.append(((*prefix, name), dict(node.get("locked") or {})))
+            walk(target, (*prefix, name), seen | {target})
+
+    walk(str(locks.get("root", "root")), (), frozenset())
+    return found
+
+
+def _archive_paths(tree: Any, prefix: InputPath = ()) -> dict[InputPath, str]:
+    """{input path: store path} from `nix flake archive --json`'s nested `inputs`."""
+    found: dict[InputPath, str] = {}
+    for name, entry in ((tree or {}).get("inputs") or {}).items():
+        found[(*prefix, name)] = str(entry["path"])
+        found.update(_archive_paths(entry, (*prefix, name)))
+    return found
 
 
 def _path_ref(directory: Path) -> tuple[str, str]:
@@ -129,7 +212,7 @@ def evaluate_systems(
         return {}
     flakes = {locked.path: locked for locked in hosts.values()}
     bindings = "; ".join(
-        f"f{i} = builtins.getFlake {_nix_string(_pinned(p, f.nar_hash))}" for i, (p, f) in enumerate(flakes.items())
+        f"f{i} = builtins.getFlake {_nix_string(pinned(p, f.nar_hash))}" for i, (p, f) in enumerate(flakes.items())
     )
     index = {p: i for i, p in enumerate(flakes)}
     attrs = " ".join(
@@ -153,3 +236,33 @@ def project_dir() -> str:
     except Exception:  # older SDKs, mocks: the program runs in the project's directory
         root = ""
     return root if root and Path(root).is_dir() else os.getcwd()
+
+
+_EXPORTS: dict[tuple[str, ...], bytes] = {}
+_EXPORTS_LOCK = threading.Lock()
+
+
+def export_inputs(paths: list[str] | tuple[str, ...], pinned_ref: str) -> bytes:
+    """The inputs' store paths as one zstd-compressed `nix-store --export` stream, made once per set of
+    paths (every host that lacks them gets the same bytes). `nix flake archive` first fetches any the
+    deployer's store lacks, with the user's credentials. Raises FlakeError."""
+    key = tuple(sorted(paths))
+    with _EXPORTS_LOCK:
+        if key not in _EXPORTS:
+            try:
+                _nix(["flake", "archive", pinned_ref], [], os.getcwd())
+            except FlakeError as exc:
+                raise FlakeError(f"cannot fetch the inputs of {pinned_ref}: {exc}") from None
+            export = subprocess.Popen(["nix-store", "--export", *key], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            assert export.stdout is not None
+            try:
+                compressed = subprocess.run(["zstd", "-c", "-q", "-T0"], stdin=export.stdout, capture_output=True)
+            finally:
+                export.stdout.close()
+                exported = export.wait()
+            if exported != 0 or compressed.returncode != 0:
+                assert export.stderr is not None
+                why = export.stderr.read().decode(errors="replace").strip() or compressed.stderr.decode().strip()
+                raise FlakeError(f"cannot export the flake inputs {' '.join(key)}: {why[-500:]}")
+            _EXPORTS[key] = compressed.stdout
+        return _EXPORTS[key]

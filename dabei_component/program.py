@@ -13,6 +13,7 @@ Stack config (namespace `nix-dabei`):
     nix-dabei:rollout:    {maxUnavailable: 1 | "25%", confirmSeconds: s}
     nix-dabei:sshPort:    22 (only for the local simulator)
     nix-dabei:evaluate:   true (false: do not evaluate the hosts' systems at preview)
+    nix-dabei:sendInputs: local | all (which inputs of the host flakes the deployer sends to the hosts)
     hcloud:token:         secret
 """
 
@@ -29,6 +30,7 @@ import pulumi_hcloud as hcloud
 
 from . import server_options
 from .component import Deadlines, Fleet, FleetArgs, HostArgs, ImageArgs, InvalidArgs
+from .flakes import SEND_INPUTS
 from .rollout import HealthCheck, Rollout
 
 Problems = list[tuple[str, str]]
@@ -276,6 +278,7 @@ def fleet_args_from_config(
     evaluate: Any = None,
     health_checks: Any = None,
     rollout: Any = None,
+    send_inputs: Any = None,
 ) -> FleetArgs:
     """Build typed args from stack config values, naming the config key of every wrong value.
 
@@ -336,6 +339,9 @@ def fleet_args_from_config(
             if "confirmSeconds" in rollout:
                 plan.confirm_seconds = _seconds(f"{where}.confirmSeconds", rollout["confirmSeconds"], problems)
     evaluate_systems = True if evaluate is None else _bool(f"{ns}:evaluate", evaluate, problems)
+    sent = "local" if send_inputs is None else _text(f"{ns}:sendInputs", send_inputs, problems)
+    if sent is not None and sent not in SEND_INPUTS:
+        problems.append((f"{ns}:sendInputs", f"expected one of {', '.join(SEND_INPUTS)}, got {sent!r}"))
     if problems:
         raise InvalidArgs(problems)
     return FleetArgs(
@@ -346,6 +352,7 @@ def fleet_args_from_config(
         health_checks=checks,
         rollout=plan,
         evaluate=evaluate_systems,
+        send_inputs=sent,
     )
 
 
@@ -408,6 +415,7 @@ def main() -> None:
         cfg.get_object("deadlines"),
         cfg.get("sshPort"),
         evaluate=cfg.get_object("evaluate"),
+        send_inputs=cfg.get_object("sendInputs"),
         health_checks=cfg.get_object("healthChecks"),
         rollout=cfg.get_object("rollout"),
     )

@@ -1,9 +1,11 @@
 """Stand-in for `nixos-rebuild switch --flake REF#HOST` on simulated servers: a real `nix build`, with
 generations.
 
-A switch builds `REF#nixosConfigurations.HOST.config.system.build.toplevel` with the machine's Nix (offline,
-no sandbox: `imaging.OFFLINE_NIX_ARGS`, both Linux systems accepted, the fixture systems being shell
-scripts), so the system a host runs is the one its flake builds. A `path:` reference to a directory of the
+A switch builds `REF#nixosConfigurations.HOST.config.system.build.toplevel` with this machine's Nix into the
+simulated host's own store (`<root>/nix/store`, a chroot store: Nix builds there in its sandbox, given the
+system directories the fixture systems' shell scripts need), offline and with no access to the deployer's
+store or credentials: an input the deployer did not send and the host cannot fetch fails the build, as on
+a host without it. So the system a host runs is the one its flake builds. A `path:` reference to a directory of the
 simulated host (a flake source the deployer sent) is read under `--root`. The switch records the flake
 reference in `<root>/var/lib/nix-dabei-sim/rebuilds.log`, notes what the built system does in
 `<root>/<store path>/behaviour.json`, adds the store path as the next generation of the system profile
@@ -67,11 +69,28 @@ def on_host(flake: str, root: Path) -> str:
     return flake
 
 
-def build_toplevel(flake: str, hostname: str) -> str:
-    """`nix build` the host's toplevel; its store path. Raises RuntimeError with Nix's error."""
+def host_store_args(root: Path) -> list[str]:
+    """Nix options for the simulated host's own store under `root`."""
+    return ["--store", str(root)]
+
+
+# What a chroot store's sandbox needs of this machine for the fixture systems (/bin/sh and its libraries).
+_SANDBOX_PATHS = " ".join(p for p in ("/bin", "/lib", "/lib64", "/usr") if Path(p).exists())
+# The simulated host has no way out: every download goes to a closed port on loopback (no DNS lookups).
+_NO_NETWORK = {name: "http://127.0.0.1:9" for name in ("http_proxy", "https_proxy", "all_proxy")}
+
+
+def build_toplevel(flake: str, hostname: str, root: Path) -> str:
+    """`nix build` the host's toplevel into its store under `root`; the store path. Raises RuntimeError
+    with Nix's error."""
     installable = f"{flake}#nixosConfigurations.{hostname}.config.system.build.toplevel"
-    command = ["nix", *NIX_FEATURES, "build", "--no-link", "--json", *SIM_NIX_ARGS, installable]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    # Nix's build sandbox needs a /proc of its own PID namespace with nothing mounted over it (the machine's
+    # namespace binds its boot_id into /proc).
+    command = ["unshare", "--pid", "--fork", "--kill-child", "--mount", "--mount-proc"]
+    command += ["nix", *NIX_FEATURES, "build", "--no-link", "--json", *SIM_NIX_ARGS, *host_store_args(root)]
+    command += ["--option", "extra-sandbox-paths", _SANDBOX_PATHS, installable]
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(root / "root"), **_NO_NETWORK}
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         lines = [line for line in done.stderr.strip().splitlines() if "build-users-group" not in line]
         raise RuntimeError(f"nix build {installable} failed: " + "\n".join(lines[-10:]))
@@ -196,7 +215,7 @@ def _switch(args: argparse.Namespace) -> int:
         return 1
 
     try:
-        system = build_toplevel(on_host(args.flake, args.root), args.hostname)
+        system = build_toplevel(on_host(args.flake, args.root), args.hostname, args.root)
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

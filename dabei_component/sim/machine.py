@@ -27,6 +27,7 @@ import asyncssh
 from dabei_firstboot.config import HOST_KEY, ROOT_AUTHORIZED_KEYS
 from dabei_firstboot.seed import SeedError, find_seed_partition, read_seed
 
+from . import fake_rebuild
 from .client import free_port
 from .disk import Disk
 from .fake_rebuild import ACTIVE_SYSTEM, CUT_SESSIONS, SIM_STATE, SSHD_STATE
@@ -641,6 +642,8 @@ class InstalledNixosHook:
             "rebuild_retries": self.rebuild_retries,
             "rebuild_backoff_seconds": self.rebuild_backoff_seconds,
             "network_reload_command": None,
+            # The host's own Nix store under its root, as the fake rebuild builds into it.
+            "nix_store_command": ["nix-store", *fake_rebuild.host_store_args(machine.rootfs)],
         }
 
 

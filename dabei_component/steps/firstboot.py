@@ -31,7 +31,7 @@ import asyncssh
 import pulumi
 from pulumi.dynamic import CheckFailure, CheckResult
 
-from .. import rollout
+from .. import flakes, rollout
 from ..ssh import HostKeyMismatch, SshError, connect, run
 from .base import FleetStep, HostContext, HostError, host_address, is_unknown, secret_options
 from .install import host_flake
@@ -272,6 +272,38 @@ class FirstBootProvider(FleetStep):
             if conn is not None:
                 conn.close()
 
+    async def _send_inputs(
+        self, ctx: HostContext, conn: asyncssh.SSHClientConnection, source: Mapping[str, Any]
+    ) -> None:
+        """The flake inputs the host cannot fetch itself (`flakes.lock`), into its Nix store: only when it
+        lacks any (`nix-dabei receive --missing`), as one compressed export (`nix-dabei receive --inputs`)."""
+        paths = [str(p) for p in source.get("inputs") or []]
+        if not paths:
+            return
+        asked = await run(
+            conn, "nix-dabei receive --missing " + " ".join(map(shlex.quote, paths)), timeout=60, check=False
+        )
+        try:
+            missing = json.loads(asked.stdout) if asked.exit_status == 0 else None
+        except ValueError:
+            missing = None
+        if not isinstance(missing, list):
+            raise HostError(f"asking the host which flake inputs it lacks failed: {asked.stderr.strip()[-500:]}")
+        if not missing:
+            return
+        try:
+            stream = await asyncio.to_thread(
+                flakes.export_inputs, paths, flakes.pinned(source["path"], source["nar_hash"])
+            )
+        except flakes.FlakeError as exc:
+            raise HostError(str(exc)) from None
+        done = await run(
+            conn, "nix-dabei receive --inputs", input=stream, timeout=max(1.0, ctx.remaining()), check=False
+        )
+        if done.exit_status != 0:
+            raise HostError(f"sending the inputs of flake {source['url']} failed: {done.stderr.strip()[-500:]}")
+        ctx.log(f"{len(missing)} flake input(s) of {source['url']} sent ({len(stream)} bytes compressed)")
+
     async def _send_source(
         self, ctx: HostContext, conn: asyncssh.SSHClientConnection, source: Mapping[str, Any]
     ) -> None:
@@ -301,6 +333,8 @@ class FirstBootProvider(FleetStep):
             # changes nothing the host runs.
             conn = await self._connect(ctx, host, deploy_key, ctx.deadline)
             with contextlib.closing(conn):
+                # The inputs first: the host's rebuild starts once the source is there.
+                await self._send_inputs(ctx, conn, source)
                 await self._send_source(ctx, conn, source)
         if self._in_place(old, host):
             assert old is not None

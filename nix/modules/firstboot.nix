@@ -56,6 +56,9 @@ let
       "--switch-generation" "{generation}" ];
     activate_command = [ "{system}/bin/switch-to-configuration" "switch" ];
     watchdog_command = watchdogCommand;
+    # `nix-dabei receive --inputs`: flake inputs the deployer sends (zstd-compressed `nix-store --export`).
+    nix_store_command = [ "${config.nix.package}/bin/nix-store" ];
+    decompress_command = [ "${pkgs.zstd}/bin/zstd" "-dc" ];
   };
   # Upper bound of one first-boot run: every metadata and rebuild attempt plus the waits between them.
   worstCaseSeconds =

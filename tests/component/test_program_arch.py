@@ -30,3 +30,12 @@ def test_bad_values_are_named() -> None:
     text = str(bad.value)
     assert "nix-dabei:image.attrs.riscv64-linux: expected a system of Hetzner's servers" in text
     assert "nix-dabei:evaluate: expected true or false, got 'maybe'" in text
+
+
+def test_send_inputs_reads_local_or_all_and_names_anything_else() -> None:
+    assert fleet_args_from_config({"flake": "."}, HOSTS).send_inputs == "local"
+    assert fleet_args_from_config({"flake": "."}, HOSTS, send_inputs="all").send_inputs == "all"
+    for value, shown in (("everything", "got 'everything'"), (True, "expected a string, got the boolean true")):
+        with pytest.raises(InvalidArgs) as bad:
+            fleet_args_from_config({"flake": "."}, HOSTS, send_inputs=value)
+        assert "nix-dabei:sendInputs" in str(bad.value) and shown in str(bad.value), str(bad.value)

@@ -63,6 +63,9 @@ def test_program_configuration_is_accepted_by_the_program() -> None:
     config = config_from_dict(json.loads(text), "module")
     assert config.switch_wait_command == ("/nix/store/stand-in-nix-dabei-wait-for-switch",)
     assert config.network_reload_command == ("/nix/store/stand-in-systemd/bin/networkctl", "reload")
+    # `nix-dabei receive --inputs`: the system's Nix and zstd by store path (an SSH session's PATH aside).
+    assert config.nix_store_command[0].endswith("/bin/nix-store") and len(config.nix_store_command) == 1
+    assert config.decompress_command[0].endswith("/bin/zstd") and config.decompress_command[1:] == ("-dc",)
 
 
 @pytest.mark.parametrize(

@@ -122,3 +122,44 @@ def test_a_source_never_sent_fails_the_rebuild_naming_it(
         status["phase"] == "failed" and f"the flake source {SOURCE_ID} was not sent within 1 s" in status["last_error"]
     )
     assert not (root / "run/current-system").exists()
+
+
+def stored_source(tmp_path: Path, text: str) -> str:
+    """A source in this machine's Nix store (what the deployer holds of a flake input)."""
+    source = tmp_path / "input" / "source"
+    source.mkdir(parents=True)
+    (source / "default.nix").write_text(text)
+    done = subprocess.run(["nix-store", "--add-fixed", "--recursive", "sha256", str(source)], capture_output=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.decode().strip()
+
+
+def test_receive_inputs_imports_an_export_into_the_hosts_store_and_missing_names_what_it_lacks(
+    tmp_path: Path,
+) -> None:
+    store = tmp_path / "host"  # the host's own Nix store (a chroot store, as the simulator gives a host)
+    config = write_config(tmp_path, tmp_path / "root", nix_store_command=["nix-store", "--store", str(store)])
+    path = stored_source(tmp_path, '{ motd = "sent"; }\n')
+    asked = cli(config, "receive", "--missing", path)
+    assert asked.returncode == 0, asked.stderr
+    assert json.loads(asked.stdout) == [path]
+
+    export = subprocess.run(["nix-store", "--export", path], capture_output=True, check=True).stdout
+    compressed = subprocess.run(["zstd", "-c", "-q"], input=export, capture_output=True, check=True).stdout
+    done = cli(config, "receive", "--inputs", stdin=compressed)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"imported": [path]}
+    assert (store / path.lstrip("/") / "default.nix").read_text() == '{ motd = "sent"; }\n'
+    assert json.loads(cli(config, "receive", "--missing", path).stdout) == []
+
+
+def test_receive_refuses_what_is_not_a_store_path_and_a_broken_stream(tmp_path: Path) -> None:
+    store = tmp_path / "host"
+    config = write_config(tmp_path, tmp_path / "root", nix_store_command=["nix-store", "--store", str(store)])
+    refused = cli(config, "receive", "--missing", "/etc/passwd", "/nix/store/x; rm -rf /")
+    assert refused.returncode == 2
+    assert b"not store paths: '/etc/passwd', '/nix/store/x; rm -rf /'" in refused.stderr
+    broken = cli(config, "receive", "--inputs", stdin=b"not zstd")
+    assert broken.returncode == 1
+    assert b"importing the flake inputs failed" in broken.stderr
+    assert [p for p in (store / "nix" / "store").glob("*") if not p.name.startswith(".")] == []

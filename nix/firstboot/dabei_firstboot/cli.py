@@ -304,6 +304,51 @@ def cmd_receive(config: Config, log: Log, source_id: str) -> int:
     return 0
 
 
+_STORE_PATH = re.compile(r"/nix/store/[0-9a-z]{32}-[0-9A-Za-z+\-._?=]+")
+
+
+def cmd_missing(config: Config, paths: list[str]) -> int:
+    """Print (JSON list) which of these store paths the host's Nix store lacks."""
+    bad = [p for p in paths if not _STORE_PATH.fullmatch(p)]
+    if bad:
+        print(f"nix-dabei receive: not store paths: {', '.join(map(repr, bad))}", file=sys.stderr)
+        return 2
+    done = subprocess.run(
+        [*config.nix_store_command, "--check-validity", "--print-invalid", *paths],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        print(f"nix-dabei receive: {done.stderr.strip()[-500:]}", file=sys.stderr)
+        return 1
+    print(json.dumps(done.stdout.split()))
+    return 0
+
+
+def cmd_receive_inputs(config: Config, log: Log) -> int:
+    """Import flake inputs into the host's Nix store: stdin is a zstd-compressed `nix-store --export`
+    stream, piped from the decompressor into `nix-store --import` (which adds each path whole or not at
+    all). Prints {"imported": [store paths]}."""
+    decompress = subprocess.Popen(config.decompress_command, stdin=sys.stdin.buffer, stdout=subprocess.PIPE)
+    assert decompress.stdout is not None
+    try:
+        done = subprocess.run(
+            [*config.nix_store_command, "--import"], stdin=decompress.stdout, capture_output=True, text=True
+        )
+    finally:
+        decompress.stdout.close()
+        unpacked = decompress.wait()
+    if unpacked != 0 or done.returncode != 0:
+        why = done.stderr.strip()[-500:] or f"{config.decompress_command[0]} exit status {unpacked}"
+        print(f"nix-dabei receive: importing the flake inputs failed: {why}", file=sys.stderr)
+        return 1
+    imported = done.stdout.split()
+    log(f"received {len(imported)} flake input(s): {' '.join(imported)}")
+    print(json.dumps({"imported": imported}))
+    return 0
+
+
 def cmd_firstboot(config: Config, log: Log) -> int:
     if not config.path(PENDING_MARKER).exists():
         log(f"nothing to do: {config.path(PENDING_MARKER)} does not exist")
@@ -436,8 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
     back.add_argument("--reason", default="rolled back by the deployer", help="recorded with the rollback")
     watchdog = sub.add_parser("watchdog", help="roll a switch back when it is not confirmed in time")
     watchdog.add_argument("--token", help="the switch to watch (default: the recorded one, after a reboot)")
-    receive = sub.add_parser("receive", help="unpack a flake source sent by the deployer (tar on stdin)")
-    receive.add_argument("--source", required=True, help="the source's id (32 hex digits)")
+    receive = sub.add_parser("receive", help="take what the deployer sends: a flake source or its inputs")
+    what = receive.add_mutually_exclusive_group(required=True)
+    what.add_argument("--source", help="unpack a flake source (tar on stdin) under this id (32 hex digits)")
+    what.add_argument("--inputs", action="store_true", help="import flake inputs (nix-store --export | zstd)")
+    what.add_argument("--missing", nargs="+", metavar="STORE_PATH", help="print which of these the store lacks")
     return parser
 
 
@@ -458,6 +506,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         return cmd_status(config, log)
     if args.command == "receive":
+        if args.missing:
+            return cmd_missing(config, args.missing)
+        if args.inputs:
+            return cmd_receive_inputs(config, log)
         return cmd_receive(config, log, args.source)
     if args.command == "grow":
         return cmd_grow(config, log)

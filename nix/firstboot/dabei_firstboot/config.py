@@ -85,6 +85,10 @@ class Config:
     # Starts the confirmation watchdog outside the SSH session ({token}: the switch's token; the argv of
     # `nix-dabei watchdog` follows it). None: the program detaches the watchdog itself (new session).
     watchdog_command: tuple[str, ...] | None = None
+    # The host's `nix-store` (with any store options) and the decompressor of the inputs the deployer sends
+    # (`nix-dabei receive --inputs`: a zstd-compressed `nix-store --export` stream).
+    nix_store_command: tuple[str, ...] = ("nix-store",)
+    decompress_command: tuple[str, ...] = ("zstd", "-dc")
     source: str = field(default="(defaults)", compare=False)
 
     def path(self, relative: str) -> Path:
@@ -109,6 +113,8 @@ _ARGV_KEYS = {
     "switch_generation_command",
     "activate_command",
     "watchdog_command",
+    "nix_store_command",
+    "decompress_command",
 }
 _NULLABLE_ARGV_KEYS = {"journal_command", "network_reload_command", "switch_wait_command", "watchdog_command"}
 # Placeholders an argv must contain.

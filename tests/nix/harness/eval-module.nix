@@ -60,6 +60,7 @@ let
     util-linux = fake "util-linux";
     gawk = fake "gawk";
     git = fake "git";
+    zstd = fake "zstd";
   };
 
   # Option declarations -> their defaults (what `config` holds when nothing else sets them).
