@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from e2ehelpers import UPDATE, up
 
 from dabei_component.component import Deadlines, FleetArgs
 from dabei_component.demo import SimHandle, demo_args, write_fixture_flake
@@ -25,7 +26,6 @@ from dabei_component.sim.client import ControlClient
 
 pytestmark = pytest.mark.timeout(600)
 
-UPDATE = "update"
 REV = "0123456789abcdef0123456789abcdef01234567"
 
 
@@ -85,10 +85,6 @@ def flake_with_inputs(tmp_path: Path, hosts: dict[str, str]) -> Path:
     (flake / "flake.lock").write_text(json.dumps({**lock, "root": "root", "version": 7}))
     nix("flake", "lock", f"path:{flake}")  # locks `common` (the GitHub input is locked already)
     return flake
-
-
-def up(engine: LocalEngine, args: FleetArgs, name: str) -> dict[str, Any]:
-    return engine.up(lambda: declare(args, name=name))
 
 
 def fleet(sim: SimHandle, flake: Path, prefix: str, send_inputs: str) -> FleetArgs:

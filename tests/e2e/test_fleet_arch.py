@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import pytest
-from hcloud import Client
+from e2ehelpers import CREATE, UPDATE, preview, servers_named, step_hosts, up
 
-from dabei_component.component import Deadlines, FleetArgs
+from dabei_component.component import Deadlines
 from dabei_component.demo import FIXTURE_FLAKE, SimHandle, demo_args, write_fixture_flake
 from dabei_component.imaging import NIX_FEATURES, OFFLINE_NIX_ARGS
 from dabei_component.localup import DYNAMIC, LocalEngine, UpFailed
@@ -25,29 +24,6 @@ from dabei_component.sim.client import ControlClient
 from dabei_component.sim.firmware import boot_loader
 
 pytestmark = pytest.mark.timeout(600)
-
-UPDATE, CREATE = "update", "create"
-
-
-def preview(engine: LocalEngine, args: FleetArgs, name: str) -> dict[str, tuple[str, tuple[str, ...]]]:
-    plan = engine.preview(lambda: declare(args, name=name))
-    print(plan.render())
-    return plan.changes()
-
-
-def up(engine: LocalEngine, args: FleetArgs, name: str) -> dict[str, Any]:
-    outputs = engine.up(lambda: declare(args, name=name))
-    assert engine.last_plan.changes().keys() == engine.last_preview.changes().keys()
-    return outputs
-
-
-def step_hosts(engine: LocalEngine, name: str, step: str) -> dict[str, Any]:
-    return engine.state[f"{DYNAMIC}::{name}-{step}"].outputs["hosts"]
-
-
-def servers_named(sim: SimHandle, prefix: str) -> list[str]:
-    client = Client(token=sim.token, api_endpoint=sim.endpoint)
-    return sorted(s.name for s in client.servers.get_all() if s.name.startswith(prefix))
 
 
 def evaluated(flake_dir: Path, host: str) -> str:

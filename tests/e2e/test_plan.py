@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from dabei_firstboot.config import HOST_KEY
 from dabei_firstboot.seed import list_partitions
+from e2ehelpers import CREATE, DELETE, UPDATE, preview, rootfs, servers_named, step_hosts, up
 from hcloud import Client
 
 from dabei_component.component import FleetArgs
@@ -30,40 +31,12 @@ from dabei_component.ssh import SshError, connect
 
 pytestmark = pytest.mark.timeout(600)
 
-UPDATE, CREATE, DELETE = "update", "create", "delete"
-
 
 def fleet(sim: SimHandle, prefix: str, count: int = 2, **host: Any) -> FleetArgs:
     args = demo_args(count, ssh_port=sim.ssh_port, prefix=prefix)
     for key, value in host.items():
         setattr(args.hosts[0], key, value)
     return args
-
-
-def preview(engine: LocalEngine, args: FleetArgs, name: str) -> dict[str, tuple[str, tuple[str, ...]]]:
-    plan = engine.preview(lambda: declare(args, name=name))
-    print(plan.render())
-    return plan.changes()
-
-
-def up(engine: LocalEngine, args: FleetArgs, name: str) -> dict[str, Any]:
-    outputs = engine.up(lambda: declare(args, name=name))
-    # What `up` did is what its own preview said it would do.
-    assert engine.last_plan.changes().keys() == engine.last_preview.changes().keys()
-    return outputs
-
-
-def step_hosts(engine: LocalEngine, name: str, step: str) -> dict[str, Any]:
-    return engine.state[f"{DYNAMIC}::{name}-{step}"].outputs["hosts"]
-
-
-def rootfs(control: ControlClient, server_id: Any) -> Path:
-    return Path(control.server(int(server_id))["machine"]["rootfs"])
-
-
-def servers_named(sim: SimHandle, prefix: str) -> list[str]:
-    client = Client(token=sim.token, api_endpoint=sim.endpoint)
-    return sorted(s.name for s in client.servers.get_all() if s.name.startswith(prefix))
 
 
 def test_a_new_stack_previews_creates_only_then_ups_then_previews_nothing(engine: LocalEngine, sim: SimHandle) -> None:
