@@ -23,6 +23,7 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pulumi
@@ -321,6 +322,11 @@ def _server_type(host: HostArgs) -> str | None:
     return None
 
 
+def _given_as_resource(host: HostArgs) -> bool:
+    """An existing server given as a resource or output: its type is not known while the program runs."""
+    return host.existing_server is not None and not isinstance(host.existing_server, int)
+
+
 def host_systems(hosts: list[HostArgs]) -> tuple[dict[str, str], list[validation.Problem]]:
     """Each host's Nix system, from its server type's `architecture` in the Hetzner catalog (pulumi-hcloud's
     `getServerType` invoke, which answers at preview too)."""
@@ -357,10 +363,11 @@ def host_systems(hosts: list[HostArgs]) -> tuple[dict[str, str], list[validation
 
 
 def resolve_flakes(
-    args: FleetArgs,
+    args: FleetArgs, platforms: Mapping[str, str] | None = None
 ) -> tuple[dict[str, flakes.LockedFlake], dict[str, str | None], list[validation.Problem]]:
     """Lock every host flake on the deployer and, with `evaluate`, evaluate each host's system (one `nix
-    eval` for the fleet). Returns (locked by flake text, system by host name, problems)."""
+    eval` for the fleet). A system built for another Nix system than the host's server runs (`platforms`,
+    from its server type) is a problem. Returns (locked by flake text, system by host name, problems)."""
     base = args.base_dir or flakes.project_dir()
     nix_args = list(args.image.nix_args)
     locked: dict[str, flakes.LockedFlake] = {}
@@ -373,17 +380,34 @@ def resolve_flakes(
         except flakes.FlakeError as exc:
             problems.append((f"hosts[{i}].flake", str(exc)))
     systems: dict[str, str | None] = {h.name: None for h in args.hosts}
-    if args.evaluate and not problems:
+    # Every host whose flake locked is evaluated, so one run names every problem.
+    evaluable = [(i, h) for i, h in enumerate(args.hosts) if h.flake in locked]
+    if args.evaluate and evaluable:
         try:
-            systems.update(flakes.evaluate_systems({h.name: locked[h.flake] for h in args.hosts}, base, nix_args))
+            evaluated = flakes.evaluate_systems({h.name: locked[h.flake] for _, h in evaluable}, base, nix_args)
+            systems.update({name: e.path for name, e in evaluated.items()})
+            for i, host in evaluable:
+                runs = (platforms or {}).get(host.name)
+                built = evaluated[host.name].system
+                if runs and built and built != runs and not _given_as_resource(host):
+                    problems.append(
+                        (
+                            f"hosts[{i}].flake",
+                            f"nixosConfigurations.{host.name} is built for {built}, but its server "
+                            f"({host.server_type or host.existing_server}) runs {runs}",
+                        )
+                    )
         except flakes.FlakeError as exc:
             # Only when the fleet's evaluation failed: each host alone, to name the ones that fail.
-            for i, host in enumerate(args.hosts):
+            failed = len(problems)
+            for i, host in evaluable:
                 try:
                     flakes.evaluate_systems({host.name: locked[host.flake]}, base, nix_args)
                 except flakes.FlakeError as alone:
-                    problems.append((f"hosts[{i}].flake", str(alone)))
-            if not problems:
+                    directory = locked[host.flake].directory
+                    hint = flakes.untracked_hint(Path(directory)) if directory else ""
+                    problems.append((f"hosts[{i}].flake", f"{alone}{hint}"))
+            if len(problems) == failed:
                 problems.append(("hosts", str(exc)))
     elif not args.evaluate:
         names = ", ".join(h.name for h in args.hosts)
@@ -519,7 +543,7 @@ class Fleet(pulumi.ComponentResource):
         if keys.problems:
             raise InvalidArgs(keys.problems)
         platforms, problems = host_systems(args.hosts)
-        locked, systems, flake_problems = resolve_flakes(args)
+        locked, systems, flake_problems = resolve_flakes(args, platforms)
         if problems or flake_problems:
             raise InvalidArgs(problems + flake_problems)
         super().__init__("nix-dabei:index:Fleet", name, None, opts)

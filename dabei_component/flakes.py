@@ -18,6 +18,7 @@ manual, `nix flake archive`: "Upload all flake inputs to a different machine for
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,8 +26,8 @@ import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from urllib.parse import quote
+from typing import Any, NamedTuple
+from urllib.parse import quote, unquote
 
 from .imaging import NIX_FEATURES
 
@@ -48,12 +49,14 @@ class LockedFlake:
 
     `url`: Nix's locked URL (a `rev` for git, a `narHash` for paths), shown to reviewers; `nar_hash`: the
     source's content hash; `path`: the store path of the source on the deployer (what is sent); `inputs`:
-    the store paths of the inputs sent with it, sorted (see the module docstring)."""
+    the store paths of the inputs sent with it, sorted (see the module docstring); `directory`: where a
+    local flake is on the deployer ("" for others), for error hints only."""
 
     url: str
     nar_hash: str
     path: str
     inputs: tuple[str, ...] = ()
+    directory: str = ""
 
     @property
     def source_id(self) -> str:
@@ -116,21 +119,38 @@ def lock(
     source into the deployer's store, and find the inputs to send (`send_inputs`, see the module
     docstring; `nix flake archive --json --dry-run` names their store paths, nothing is fetched). Raises
     FlakeError."""
-    cwd, arg = base_dir, ref
-    if is_local_path(ref):
-        directory = Path(base_dir, ref).resolve()
+    cwd, arg, directory = base_dir, ref, None
+    as_path = ref.startswith("path:") and not any(c in ref for c in "?#")
+    if is_local_path(ref) or as_path:
+        directory = Path(base_dir, unquote(ref.removeprefix("path:"))).resolve()
         if not directory.is_dir():
             raise FlakeError(f"{ref!r} is not a directory (resolved against {base_dir}: {directory})")
         if not (directory / "flake.nix").is_file():
             raise FlakeError(f"{directory} holds no flake.nix")
-        cwd, arg = _path_ref(directory)
+        # `path:` copies the directory as it is; a plain path is read through git inside a repository.
+        cwd, arg = (str(directory), "path:.") if as_path else _path_ref(directory)
     try:
         meta = json.loads(_nix(["flake", "metadata", "--json", arg], list(nix_args), cwd))
-        locked = LockedFlake(url=str(meta["url"]), nar_hash=str(meta["locked"]["narHash"]), path=str(meta["path"]))
+        locked = LockedFlake(
+            url=str(meta["url"]),
+            nar_hash=str(meta["locked"]["narHash"]),
+            path=str(meta["path"]),
+            directory=str(directory or ""),
+        )
     except FlakeError as exc:
-        raise FlakeError(f"cannot lock flake {ref!r}: {exc}") from None
+        raise FlakeError(f"cannot lock flake {ref!r}: {exc}{untracked_hint(directory)}") from None
     except (ValueError, KeyError, TypeError):
         raise FlakeError(f"cannot lock flake {ref!r}: `nix flake metadata --json` answered no locked source") from None
+    if directory is not None and arg.startswith("git+file:") and meta["locked"].get("rev"):
+        # Nix locked the last commit although the working tree differs (Nix 2.8 does so for a repository
+        # at a path with a space): what the hosts would get is not what the user sees.
+        changed = _git_status(directory, untracked=False)
+        if changed:
+            raise FlakeError(
+                f"cannot lock flake {ref!r}: Nix read the last commit of {directory}, not its uncommitted "
+                f"changes ({', '.join(changed[:5])}): commit them (this Nix reads a repository at a path "
+                f"with a space only as its last commit), or move the project to a path without spaces"
+            )
     sent = [node for node in _locked_inputs(meta.get("locks")) if send_inputs == "all" or not fetchable(node[1])]
     if not sent:
         return locked
@@ -142,7 +162,7 @@ def lock(
     missing = [" / ".join(names) for names, _ in sent if names not in paths]
     if missing:
         raise FlakeError(f"cannot find the store paths of the inputs {', '.join(missing)} of flake {ref!r}")
-    return LockedFlake(locked.url, locked.nar_hash, locked.path, tuple(sorted({paths[names] for names, _ in sent})))
+    return dataclasses.replace(locked, inputs=tuple(sorted({paths[names] for names, _ in sent})))
 
 
 InputPath = tuple[str, ...]
@@ -185,6 +205,32 @@ def _archive_paths(tree: Any, prefix: InputPath = ()) -> dict[InputPath, str]:
     return found
 
 
+def _git_status(directory: Path, untracked: bool) -> list[str]:
+    """The files under `directory` that differ from the last commit of its git repository (tracked and
+    changed; with `untracked`, only the untracked ones). Empty outside a repository."""
+    done = subprocess.run(
+        ["git", "-C", str(directory), "status", "--porcelain", "--untracked-files=all", "--", "."],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        return []
+    lines = [line for line in done.stdout.splitlines() if len(line) > 3]
+    return [line[3:] for line in lines if line.startswith("??") == untracked]
+
+
+def untracked_hint(directory: Path | None) -> str:
+    """For an error about a flake in a git repository: the untracked files Nix did not read, if any."""
+    files = _git_status(directory, untracked=True) if directory is not None else []
+    if not files:
+        return ""
+    return (
+        f" (Nix reads a flake in a git repository from its tracked files; not tracked: {', '.join(files[:5])}"
+        f"{' …' if len(files) > 5 else ''}: `git add` them)"
+    )
+
+
 def _path_ref(directory: Path) -> tuple[str, str]:
     """How Nix reads a flake directory, as (working directory, reference): through git when it is inside a
     repository (as Nix does for a path: tracked files only, the working tree as it is), else as a path.
@@ -202,12 +248,20 @@ def _nix_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("${", "\\${") + '"'
 
 
+class Evaluated(NamedTuple):
+    """A host's evaluated system: the toplevel's store path and the Nix system it is built for."""
+
+    path: str
+    system: str
+
+
 def evaluate_systems(
     hosts: dict[str, LockedFlake], base_dir: str, nix_args: list[str] | tuple[str, ...] = ()
-) -> dict[str, str]:
-    """Each host's `nixosConfigurations.<name>.config.system.build.toplevel` store path, from the source it
-    will be sent (so the path is the one the host builds), in one `nix eval` for the whole fleet. Nothing
-    is built. Raises FlakeError naming the hosts when the evaluation fails."""
+) -> dict[str, Evaluated]:
+    """Each host's `nixosConfigurations.<name>.config.system.build.toplevel`: its store path and the
+    system it is built for, from the source it will be sent (so the path is the one the host builds), in
+    one `nix eval` for the whole fleet. Nothing is built. Raises FlakeError naming the hosts when the
+    evaluation fails."""
     if not hosts:
         return {}
     flakes = {locked.path: locked for locked in hosts.values()}
@@ -216,7 +270,8 @@ def evaluate_systems(
     )
     index = {p: i for i, p in enumerate(flakes)}
     attrs = " ".join(
-        f"{_nix_string(name)} = f{index[locked.path]}.nixosConfigurations.{_nix_string(name)}.{TOPLEVEL}.outPath;"
+        f"{_nix_string(name)} = let t = f{index[locked.path]}.nixosConfigurations.{_nix_string(name)}.{TOPLEVEL}; "
+        f"in {{ path = t.outPath; system = t.system or null; }};"
         for name, locked in sorted(hosts.items())
     )
     try:
@@ -224,7 +279,7 @@ def evaluate_systems(
         systems = json.loads(out)
     except FlakeError as exc:
         raise FlakeError(f"cannot evaluate the systems of {', '.join(sorted(hosts))}: {exc}") from None
-    return {name: str(systems[name]) for name in hosts}
+    return {name: Evaluated(str(systems[name]["path"]), str(systems[name]["system"] or "")) for name in hosts}
 
 
 def project_dir() -> str:

@@ -197,10 +197,22 @@ class Change:
 SECRET_SHOWN = "[secret]"
 
 
+UNKNOWN_SHOWN = "output<string>"
+
+
 def _shown(value: Any) -> str:
-    if isinstance(value, Unknown):
-        return "output<string>"
-    return "(none)" if value is None else str(value)
+    """A value as `pulumi preview --diff` prints it: one not known yet as `output<string>`, at any depth."""
+
+    def known(v: Any) -> Any:
+        if isinstance(v, Unknown):
+            return UNKNOWN_SHOWN
+        if isinstance(v, dict):
+            return {k: known(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [known(x) for x in v]
+        return v
+
+    return "(none)" if value is None else str(known(value))
 
 
 class Plan(list[Change]):
@@ -376,7 +388,8 @@ class LocalEngine(pulumi_mocks.Mocks):
         if args.token == HCLOUD_GET_SERVER_TYPE:
             st = self.hcloud.server_types.get_by_name(str(args.args.get("name")))
             if st is None:
-                raise UpFailed(f"getServerType: no server type named {args.args.get('name')!r}")
+                # As pulumi-hcloud fails the invoke: the program gets an error it can name a config key by.
+                return {}, [("name", f"no server type named {args.args.get('name')!r}")]
             return {"id": st.id, "name": st.name, "architecture": st.architecture, "cores": st.cores}, []
         if args.token == HCLOUD_GET_SERVER:
             server = self.hcloud.servers.get_by_id(int(args.args["id"]))

@@ -245,3 +245,60 @@ def test_turning_evaluation_off_and_on_switches_no_host(engine: LocalEngine, sim
     up(engine, args, "tg")
     after = step_hosts(engine, "tg", "firstboot")
     assert {n: h["converged_at"] for n, h in after.items()} == {n: h["converged_at"] for n, h in booted.items()}
+
+
+def test_a_configuration_built_for_the_other_architecture_is_refused_at_preview(
+    engine: LocalEngine, sim: SimHandle, tmp_path: Path
+) -> None:
+    flake = write_fixture_flake(tmp_path / "infra", {"wa-1": "x86_64-linux", "wa-2": "aarch64-linux"})
+    args = demo_args(2, ssh_port=sim.ssh_port, prefix="wa")  # both cx22: x86_64
+    for host in args.hosts:
+        host.flake = str(flake)
+    with pytest.raises(UpFailed) as refused:
+        preview(engine, args, "wa")
+    text = str(refused.value)
+    assert "nix-dabei:hosts[1].flake: nixosConfigurations.wa-2 is built for aarch64-linux, but its server" in text
+    assert "(cx22) runs x86_64-linux" in text and "hosts[0]" not in text
+
+
+def test_local_flake_mistakes_are_named_with_what_to_do(engine: LocalEngine, sim: SimHandle, tmp_path: Path) -> None:
+    # A git repository at a path with a space: this Nix reads it only as its last commit.
+    project = git_flake(tmp_path / "my infra", {"lm-1": "x86_64-linux", "lm-2": "x86_64-linux"})
+    args = demo_args(2, ssh_port=sim.ssh_port, prefix="lm")
+    for host in args.hosts:
+        host.flake = "."
+    args.base_dir = str(project)
+    (project / "hosts" / "lm-1.nix").write_text('{ system = "x86_64-linux"; motd = "edited"; }\n')
+    with pytest.raises(UpFailed) as refused:
+        preview(engine, args, "lm")
+    assert "Nix read the last commit of" in str(refused.value) and "hosts/lm-1.nix" in str(refused.value)
+
+    # A host file never `git add`ed: named, with the hint.
+    subprocess.run(["git", "-C", str(project), "checkout", "-q", "--", "."], check=True)
+    (project / "hosts" / "lm-3.nix").write_text('{ system = "x86_64-linux"; }\n')
+    more = demo_args(3, ssh_port=sim.ssh_port, prefix="lm")
+    for host in more.hosts:
+        host.flake = "."
+    more.base_dir = str(project)
+    with pytest.raises(UpFailed) as refused:
+        preview(engine, more, "lm")
+    text = str(refused.value)
+    assert "nix-dabei:hosts[2].flake: cannot evaluate the systems of lm-3" in text
+    assert "not tracked: hosts/lm-3.nix" in text and "`git add` them" in text
+
+    # `path:` with a space is the directory as it is (untracked files included).
+    plain = write_fixture_flake(tmp_path / "plain dir", {"lm-1": "x86_64-linux"})
+    one = demo_args(1, ssh_port=sim.ssh_port, prefix="lm")
+    one.hosts[0].flake = "path:./plain dir"
+    one.base_dir = str(tmp_path)
+    assert preview(engine, one, "lm")["lm-firstboot"][0] == CREATE
+    assert plain.is_dir()
+
+
+def test_an_unknown_server_type_is_named_by_its_config_key(engine: LocalEngine, sim: SimHandle) -> None:
+    args = demo_args(2, ssh_port=sim.ssh_port, prefix="ut")
+    args.hosts[1].server_type = "CAX11"
+    with pytest.raises(UpFailed) as refused:
+        preview(engine, args, "ut")
+    assert "nix-dabei:hosts[1].serverType: cannot read server type 'CAX11'" in str(refused.value)
+    assert "no server type named 'CAX11'" in str(refused.value)
