@@ -175,6 +175,11 @@ def fetchable(locked: dict[str, Any]) -> bool:
     return locked.get("type") != "path" and not url.startswith(("file:", "ssh:", "git+ssh:"))
 
 
+def host_fetches(url: str) -> bool:
+    """Whether a locked flake URL is something a host can fetch itself: not a path or file on the deployer."""
+    return not url.startswith(("path:", "git+file:", "file:", "tarball+file:", "/"))
+
+
 def _locked_inputs(locks: Any) -> list[tuple[InputPath, dict[str, Any]]]:
     """Every input of a lock file (`nix flake metadata --json`'s `locks`) that is a node of its own, by its
     path of input names from the root (as `nix flake archive` nests them; `follows` are skipped there too),

@@ -32,7 +32,7 @@ import pulumi
 from pulumi.dynamic import CheckFailure, CheckResult
 
 from .. import flakes, rollout
-from ..ssh import HostKeyMismatch, SshError, connect, run
+from ..ssh import CommandResult, HostKeyMismatch, SshError, connect, run
 from .base import FleetStep, HostContext, HostError, host_address, is_unknown, secret_options
 from .install import host_flake
 from .rescue import wants_install
@@ -98,6 +98,25 @@ def in_place_candidates(olds: Mapping[str, Any], news: Mapping[str, Any]) -> lis
         if same_server and needs_switch(old, new):
             found.append(name)
     return found
+
+
+class NoReceive(HostError):
+    """The host's `nix-dabei` predates `nix-dabei receive`: an image of an earlier release installed it."""
+
+
+def _check_received(done: CommandResult, what: str) -> None:
+    """Raise NoReceive for a host program without `receive`, HostError for any other failure."""
+    if done.exit_status == 0:
+        return
+    stderr = str(done.stderr or "").strip()
+    if "invalid choice: 'receive'" in stderr:
+        raise NoReceive(
+            f"sending {what} failed: the host's nix-dabei predates `nix-dabei receive` (its image was built with "
+            f"an earlier release's nix-dabei). Update the nix-dabei input of your image flake and rebuild the "
+            f"image; an installed host takes a local flake after one switch to a flake it fetches itself "
+            f"(github:…, git+https:…), or give it a new `reinstall` ID"
+        )
+    raise HostError(f"sending {what} failed: {stderr[-500:]}")
 
 
 def source_archive(path: str) -> bytes:
@@ -288,7 +307,8 @@ class FirstBootProvider(FleetStep):
         except ValueError:
             missing = None
         if not isinstance(missing, list):
-            raise HostError(f"asking the host which flake inputs it lacks failed: {asked.stderr.strip()[-500:]}")
+            _check_received(asked, f"the inputs of flake {source['url']}")
+            raise HostError(f"asking the host which flake inputs it lacks failed: {asked.stdout.strip()[-500:]}")
         if not missing:
             return
         try:
@@ -300,8 +320,7 @@ class FirstBootProvider(FleetStep):
         done = await run(
             conn, "nix-dabei receive --inputs", input=stream, timeout=max(1.0, ctx.remaining()), check=False
         )
-        if done.exit_status != 0:
-            raise HostError(f"sending the inputs of flake {source['url']} failed: {done.stderr.strip()[-500:]}")
+        _check_received(done, f"the inputs of flake {source['url']}")
         ctx.log(f"{len(missing)} flake input(s) of {source['url']} sent ({len(stream)} bytes compressed)")
 
     async def _send_source(
@@ -317,8 +336,7 @@ class FirstBootProvider(FleetStep):
             timeout=max(1.0, ctx.remaining()),
             check=False,
         )
-        if done.exit_status != 0:
-            raise HostError(f"sending the flake source {source['url']} failed: {done.stderr.strip()[-500:]}")
+        _check_received(done, f"the flake source {source['url']}")
         ctx.log(f"flake source {source['url']} sent ({len(archive)} bytes)")
 
     async def apply_host(self, ctx: HostContext, host: dict[str, Any], props: dict[str, Any]) -> dict[str, Any]:
@@ -333,9 +351,17 @@ class FirstBootProvider(FleetStep):
             # changes nothing the host runs.
             conn = await self._connect(ctx, host, deploy_key, ctx.deadline)
             with contextlib.closing(conn):
-                # The inputs first: the host's rebuild starts once the source is there.
-                await self._send_inputs(ctx, conn, source)
-                await self._send_source(ctx, conn, source)
+                try:
+                    # The inputs first: the host's rebuild starts once the source is there.
+                    await self._send_inputs(ctx, conn, source)
+                    await self._send_source(ctx, conn, source)
+                except NoReceive:
+                    if not (self._in_place(old, host) and flakes.host_fetches(str(source["url"]))):
+                        raise
+                    # An installed host of an earlier release: it fetches the locked revision itself, as
+                    # hosts did before sources were sent; its next switch brings this release's program.
+                    host = {**host, "host_ref": str(source["url"])}
+                    ctx.log(f"the host's nix-dabei predates `receive`: it fetches {source['url']} itself")
         if self._in_place(old, host):
             assert old is not None
             gate: rollout.RolloutGate = props[_GATE]

@@ -17,6 +17,7 @@ from e2ehelpers import CREATE, UPDATE, preview, servers_named, step_hosts, up
 
 from dabei_component.component import Deadlines
 from dabei_component.demo import FIXTURE_FLAKE, SimHandle, demo_args, write_fixture_flake
+from dabei_component.flakes import host_fetches
 from dabei_component.imaging import NIX_FEATURES, OFFLINE_NIX_ARGS
 from dabei_component.localup import DYNAMIC, LocalEngine, UpFailed
 from dabei_component.program import declare
@@ -302,3 +303,45 @@ def test_an_unknown_server_type_is_named_by_its_config_key(engine: LocalEngine, 
         preview(engine, args, "ut")
     assert "nix-dabei:hosts[1].serverType: cannot read server type 'CAX11'" in str(refused.value)
     assert "no server type named 'CAX11'" in str(refused.value)
+
+
+def test_a_host_whose_program_predates_receive_is_named_with_what_to_do(
+    engine: LocalEngine, sim: SimHandle, control: ControlClient, tmp_path: Path
+) -> None:
+    flake = write_fixture_flake(tmp_path / "infra", {"old-1": "x86_64-linux"})
+    args = demo_args(1, ssh_port=sim.ssh_port, prefix="old")
+    args.hosts[0].flake = str(flake)
+    up(engine, args, "old")
+    # The host's program as an earlier release installed it: no `receive` command.
+    server_id = int(step_hosts(engine, "old", "firstboot")["old-1"]["server_id"])
+    program = Path(control.server(server_id)["machine"]["state_dir"]) / "bin" / "nix-dabei"
+    program.rename(program.with_name("nix-dabei.real"))
+    program.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = receive ]; then\n'
+        "  echo \"nix-dabei: error: argument command: invalid choice: 'receive' (choose from 'seed', 'apply')\" >&2\n"
+        "  exit 2\n"
+        "fi\n"
+        f'exec {program.with_name("nix-dabei.real")} "$@"\n'
+    )
+    program.chmod(0o755)
+    (flake / "hosts" / "old-1.nix").write_text('{ system = "x86_64-linux"; motd = "edited"; }\n')
+    with pytest.raises(UpFailed) as failed:
+        up(engine, args, "old")
+    text = str(failed.value)
+    assert "the host's nix-dabei predates `nix-dabei receive`" in text
+    assert "a flake it fetches itself" in text and "`reinstall` ID" in text
+
+
+@pytest.mark.parametrize(
+    ("url", "fetched"),
+    [
+        ("github:me/infra/0123456789abcdef0123456789abcdef01234567", True),
+        ("git+https://git.example.org/infra?rev=0123456789abcdef0123456789abcdef01234567", True),
+        ("git+ssh://git@example.org/infra?rev=0123456789abcdef0123456789abcdef01234567", True),
+        ("path:/home/me/infra?narHash=sha256-AAAA", False),
+        ("git+file:///home/me/infra?rev=0123456789abcdef0123456789abcdef01234567", False),
+    ],
+)
+def test_a_host_of_an_earlier_release_fetches_only_what_is_not_on_the_deployer(url: str, fetched: bool) -> None:
+    assert host_fetches(url) is fetched
