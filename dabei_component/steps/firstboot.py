@@ -190,9 +190,6 @@ class FirstBootProvider(FleetStep):
             return result
         names = in_place_candidates(olds.get("hosts") or {}, hosts)
         batches = rollout.plan_batches(names, plan.get("max_unavailable", "1"), len(hosts))
-        if batches:
-            text = "; then ".join(", ".join(batch) for batch in batches)
-            pulumi.log.info(f"firstboot: in-place rollout in {len(batches)} batch(es): {text}")
         return CheckResult({**news, "rollout": {**plan, "batches": batches}}, [])
 
     def call_state(
@@ -202,6 +199,9 @@ class FirstBootProvider(FleetStep):
         in_place = [n for n in todo if self._in_place(olds.get(n), self.with_upstream(props, hosts, n))]
         plan = props.get("rollout") or {}
         batches = rollout.plan_batches(in_place, plan.get("max_unavailable", "1"), len(hosts))
+        if batches:
+            text = "; then ".join(", ".join(batch) for batch in batches)
+            pulumi.log.info(f"firstboot: in-place rollout in {len(batches)} batch(es): {text}")
         return {_GATE: rollout.RolloutGate(batches)}
 
     @staticmethod
