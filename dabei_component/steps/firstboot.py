@@ -134,6 +134,11 @@ def _failure(status: Mapping[str, Any]) -> str:
     st = status.get("status") or {}
     attempts = st.get("attempt")
     text = f"first boot failed in phase {st.get('phase')!r} after {attempts} attempt(s): {st.get('last_error')}"
+    if "unable to download" in str(st.get("last_error")):
+        text += (
+            " (the host fetches public flake inputs itself; for a private repository, `sendInputs: all` has "
+            "the deployer send every input)"
+        )
     journal = (status.get("journal") or "").strip()
     if journal:
         tail = "\n".join("    " + line for line in journal.splitlines()[-30:])

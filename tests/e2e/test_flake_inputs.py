@@ -117,6 +117,7 @@ def test_local_inputs_are_sent_and_a_private_github_input_fails_until_all_are_se
     with pytest.raises(UpFailed) as failed:
         up(engine, fleet(sim, flake, "in", "local"), "in")
     assert re.search(r"unable to download .*example/secrets", str(failed.value)), str(failed.value)
+    assert "for a private repository, `sendInputs: all` has the deployer send every input" in str(failed.value)
     [line] = sent(engine, "in-1")
     assert "1 flake input(s) of path:" in line, line
     store = host_store(engine, control, "in", "in-1")
