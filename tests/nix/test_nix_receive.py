@@ -68,11 +68,11 @@ def test_receive_refuses_a_bad_id_and_links_out_of_the_tree(tmp_path: Path) -> N
     assert not (flakes / SOURCE_ID).exists() and list(flakes.iterdir()) == [], "nothing half-unpacked is left"
 
 
-def test_a_rebuild_waits_for_the_sent_source_then_builds_it(
-    tmp_path: Path, metadata_server: MetadataServer, seed_disk: Path, seed_doc: dict[str, Any]
-) -> None:
-    flake = f"path:/var/lib/nix-dabei/flakes/{SOURCE_ID}?narHash=sha256-abc"
-    seedlib.write_seed(seed_disk, {**seed_doc, "flake": flake})
+def seeded_host(
+    tmp_path: Path, metadata_server: MetadataServer, seed_disk: Path, seed: dict[str, Any], **overrides: Any
+) -> tuple[Path, Path]:
+    """A host root whose seed (with this flake) is applied, with a fake rebuild: (root, config)."""
+    seedlib.write_seed(seed_disk, seed)
     root = tmp_path / "root"
     root.mkdir()
     rebuild = write_fake_rebuild(tmp_path / "fake-rebuild", 0)
@@ -82,8 +82,17 @@ def test_a_rebuild_waits_for_the_sent_source_then_builds_it(
         metadata_url=metadata_server.url,
         seed_device=str(seed_disk),
         rebuild_command=[str(rebuild), str(root), "{flake}", "{hostname}"],
+        **overrides,
     )
     assert cli(config, "seed").returncode == 0
+    return root, config
+
+
+def test_a_rebuild_waits_for_the_sent_source_then_builds_it(
+    tmp_path: Path, metadata_server: MetadataServer, seed_disk: Path, seed_doc: dict[str, Any]
+) -> None:
+    flake = f"path:/var/lib/nix-dabei/flakes/{SOURCE_ID}?narHash=sha256-abc"
+    root, config = seeded_host(tmp_path, metadata_server, seed_disk, {**seed_doc, "flake": flake})
     sender = threading.Timer(1.5, lambda: cli(config, "receive", "--source", SOURCE_ID, stdin=archive({"a": b"b"})))
     started = time.monotonic()
     sender.start()
@@ -102,19 +111,8 @@ def test_a_rebuild_waits_for_the_sent_source_then_builds_it(
 def test_a_source_never_sent_fails_the_rebuild_naming_it(
     tmp_path: Path, metadata_server: MetadataServer, seed_disk: Path, seed_doc: dict[str, Any]
 ) -> None:
-    seedlib.write_seed(seed_disk, {**seed_doc, "flake": f"path:/var/lib/nix-dabei/flakes/{SOURCE_ID}"})
-    root = tmp_path / "root"
-    root.mkdir()
-    rebuild = write_fake_rebuild(tmp_path / "fake-rebuild", 0)
-    config = write_config(
-        tmp_path,
-        root,
-        metadata_url=metadata_server.url,
-        seed_device=str(seed_disk),
-        rebuild_command=[str(rebuild), str(root), "{flake}", "{hostname}"],
-        source_wait_seconds=1,
-    )
-    assert cli(config, "seed").returncode == 0
+    seed = {**seed_doc, "flake": f"path:/var/lib/nix-dabei/flakes/{SOURCE_ID}"}
+    root, config = seeded_host(tmp_path, metadata_server, seed_disk, seed, source_wait_seconds=1)
     done = cli(config, "firstboot")
     assert done.returncode == 1
     status = json.loads((root / "var/lib/nix-dabei/status.json").read_text())
