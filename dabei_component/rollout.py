@@ -37,9 +37,10 @@ _OUTPUT_CHARS = 2000
 class HealthCheck:
     """A check that must pass after a switch and after a first boot; exactly one of `command` (run on the
     host over SSH as root; passes on exit 0), `http` (a URL the deployer fetches; `{host}` stands for the
-    host's IPv4 address; passes on `expect_status`) or `tcp` (a port of the host's IPv4 address the
-    deployer connects to). Each attempt gets `timeout_seconds`; failed attempts are repeated every 2 s
-    until the check passes or `within_seconds` have passed since the switch."""
+    host's address: its public IPv4, on an IPv6-only host its IPv6 address in brackets; passes on
+    `expect_status`) or `tcp` (a port of that address the deployer connects to). Each attempt gets
+    `timeout_seconds`; failed attempts are repeated every 2 s until the check passes or `within_seconds`
+    have passed since the switch."""
 
     name: str | None = None
     command: str | None = None
@@ -102,7 +103,7 @@ def check_health_check(prop: str, value: Any) -> list[Problem]:
     if kind == "command" and (not isinstance(target, str) or not target.strip()):
         problems.append((f"{prop}.command", f"expected a shell command, got {target!r}"))
     if kind == "http" and (not isinstance(target, str) or not re.match(r"^https?://[^\s/]+(/\S*)?$", target)):
-        expected = "an http:// or https:// URL ({host} stands for the host's IPv4 address)"
+        expected = "an http:// or https:// URL ({host} stands for the host's address)"
         problems.append((f"{prop}.http", f"expected {expected}, got {target!r}"))
     if kind == "tcp" and not _whole(target, 1, 65535):
         problems.append((f"{prop}.tcp", f"expected a port number between 1 and 65535, got {target!r}"))
@@ -226,7 +227,8 @@ async def _attempt(check: Mapping[str, Any], address: str, conn: asyncssh.SSHCli
             return None
         return f"exit status {done.exit_status}\n{done.stdout}{done.stderr}"
     if check.get("http") is not None:
-        url = str(check["http"]).replace("{host}", address)
+        # An IPv6 address stands in a URL in brackets (RFC 3986, section 3.2.2).
+        url = str(check["http"]).replace("{host}", f"[{address}]" if ":" in address else address)
         expected = int(check.get("expect_status", 200))
         try:
             # trust_env off: the probe goes to the host itself, never through a proxy from the environment.

@@ -424,7 +424,7 @@ class FirstBootProvider(FleetStep):
         generation of this configuration to return to)."""
         conn = await self._connect(ctx, host, deploy_key, ctx.deadline)
         with contextlib.closing(conn):
-            failure = await rollout.run_checks(checks, host["ipv4"], conn, ctx.deadline, ctx.log)
+            failure = await rollout.run_checks(checks, host_address(host), conn, ctx.deadline, ctx.log)
         if failure is not None:
             raise HostError(f"{failure}\n  after the first boot; the host keeps the system it booted")
 
@@ -447,7 +447,7 @@ class FirstBootProvider(FleetStep):
                 # Installed by a release before confirmed switches: its nix-dabei has no `--confirm-seconds`.
                 ctx.log("the host's nix-dabei predates confirmed switches: switching without automatic rollback")
                 await self._apply(ctx, conn, host["host_ref"])
-                failure = await rollout.run_checks(checks, host["ipv4"], conn, ctx.deadline, ctx.log)
+                failure = await rollout.run_checks(checks, host_address(host), conn, ctx.deadline, ctx.log)
                 if failure is not None:
                     raise HostError(f"{failure}\n  after the switch; no rollback: the host's nix-dabei predates it")
                 return
@@ -486,7 +486,7 @@ class FirstBootProvider(FleetStep):
             outcome = await self._outcome_after_window(ctx, host, deploy_key, window_end, token, reason, shown)
             raise HostError(outcome) from None
         with contextlib.closing(conn):
-            failure = await rollout.run_checks(checks, host["ipv4"], conn, min(ctx.deadline, window_end), ctx.log)
+            failure = await rollout.run_checks(checks, host_address(host), conn, min(ctx.deadline, window_end), ctx.log)
             if failure is not None:
                 reason = f"health check {failure.name!r} failed"
                 back = await run(

@@ -28,6 +28,7 @@ from dabei_component.demo import SimHandle, demo_args, demo_flake
 from dabei_component.localup import HCLOUD_SERVER, LocalEngine, UpFailed, generated_keys
 from dabei_component.program import declare, fleet_args_from_config
 from dabei_component.provider_server import ProviderServer
+from dabei_component.rollout import HealthCheck
 from dabei_component.sim.client import ControlClient
 from dabei_component.ssh import connect, run
 
@@ -194,6 +195,29 @@ def test_server_settings_pass_through_and_an_ipv6_only_host_converges(
     assert not [s for s in api.servers.get_all() if s.name.startswith("cs-")]
     kept = api.primary_ips.get_by_id(primary.id)
     assert kept.ip == primary.ip and kept.assignee_id is None, "a primary IP outlives its server"
+
+
+def test_an_ipv6_only_host_switches_in_place_with_health_checks_on_its_ipv6_address(
+    engine: LocalEngine, sim: SimHandle, control: ControlClient, provider: ProviderServer
+) -> None:
+    args = with_hosts(sim, [host("v6-1", public_nets=[hcloud.ServerPublicNetArgs(ipv4_enabled=False)])])
+    args.hosts[0].flake = demo_flake({"v6-1": {"system": "x86_64-linux", "motd": "one"}})
+    outputs = up(engine, lambda: declare(args, name="v6"))
+    machine = control.server(engine.state[f"{HCLOUD_SERVER}::v6-v6-1-server"].id)["machine"]
+    assert outputs["hosts"]["v6-1"]["ipv4"] is None and machine["app_port"]
+    port = machine["app_port"]
+    args.health_checks = [
+        HealthCheck(name="cmd", command="true"),
+        HealthCheck(name="port", tcp=port),
+        HealthCheck(name="web", http=f"http://{{host}}:{port}/"),
+    ]
+    args.hosts[0].flake = demo_flake({"v6-1": {"system": "x86_64-linux", "motd": "two"}})
+    after = up(engine, lambda: declare(args, name="v6"))
+    assert after["hosts"]["v6-1"]["system"] != outputs["hosts"]["v6-1"]["system"]
+    log = provider.log_path.read_text()
+    for name in ("cmd", "port", "web"):
+        assert f"health check {name!r} passed" in log
+    assert "switch confirmed" in log
 
 
 def test_an_existing_server_by_id_is_installed_and_survives_destroy(engine: LocalEngine, sim: SimHandle) -> None:
