@@ -146,11 +146,16 @@ def validate(prefix: str, host: Any) -> list[Problem]:
         if value is not None and _plain(value) and not isinstance(value, bool):
             problems.append((f"{prefix}.{name}", f"expected true or false, got {value!r}"))
     delete, rebuild = host.delete_protection, host.rebuild_protection
-    if isinstance(delete, bool) and isinstance(rebuild, bool) and delete != rebuild:
-        # pulumi-hcloud's ServerArgs: "Needs to be the same as rebuild_protection" (one API call sets both).
-        problems.append(
-            (f"{prefix}.rebuild_protection", "must equal delete_protection (pulumi-hcloud sets both together)")
-        )
+    # pulumi-hcloud's ServerArgs: "Needs to be the same as rebuild_protection" (one API call sets both; one
+    # left out is false), so true on one side alone is refused too.
+    if _plain(delete) and _plain(rebuild) and True in (delete, rebuild) and delete is not rebuild:
+        if delete is None or rebuild is None:
+            other = "rebuild_protection" if rebuild is None else "delete_protection"
+            reason = "must be set to true as well: pulumi-hcloud sets delete and rebuild protection together"
+            problems.append((f"{prefix}.{other}", reason))
+        elif isinstance(delete, bool) and isinstance(rebuild, bool):
+            reason = "must equal delete_protection (pulumi-hcloud sets both together)"
+            problems.append((f"{prefix}.rebuild_protection", reason))
     problems += _positive_int(f"{prefix}.placement_group_id", host.placement_group_id, "placement group")
     networks = host.networks
     if networks is not None and _plain(networks):

@@ -296,6 +296,8 @@ def test_an_arm_server_resource_is_refused_before_its_disk_is_touched(engine: Lo
         ({"image": "debian-12"}, "hosts[0].image", "writes the NixOS image"),
         ({"rescue": "linux64"}, "hosts[0].rescue", "boots the rescue system itself"),
         ({"deleteProtection": True, "rebuildProtection": False}, "hosts[0].rebuildProtection", "must equal"),
+        ({"deleteProtection": True}, "hosts[0].rebuildProtection", "must be set to true as well"),
+        ({"rebuildProtection": "true"}, "hosts[0].deleteProtection", "must be set to true as well"),
         ({"publicNets": [{"ipv4Enabled": False, "ipv6Enabled": False}]}, "hosts[0].publicNets[0]", "both off"),
         ({"publicNets": [{"ipv4Enabled": False, "ipv4": 5}]}, "hosts[0].publicNets[0].ipv4", "ipv4_enabled is"),
         ({"networks": [{"ip": "10.0.1.5"}]}, "hosts[0].networks[0]", "needs network_id"),
