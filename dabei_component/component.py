@@ -172,6 +172,15 @@ def validate(args: FleetArgs) -> list[validation.Problem]:
         problems.append(("rollout", f"expected a Rollout, got {type(args.rollout).__name__}"))
     else:
         problems += check_rollout("rollout", {**args.rollout.wire(), "max_unavailable": args.rollout.max_unavailable})
+        firstboot = args.deadlines.firstboot
+        if isinstance(firstboot, int | float) and args.rollout.confirm_seconds >= firstboot:
+            problems.append(
+                (
+                    "rollout.confirm_seconds",
+                    f"{args.rollout.confirm_seconds:g} s is not shorter than deadlines.firstboot "
+                    f"({firstboot:g} s), which the whole rollout must fit in",
+                )
+            )
     if args.send_inputs not in flakes.SEND_INPUTS:
         problems.append(("send_inputs", f"expected one of {', '.join(flakes.SEND_INPUTS)}, got {args.send_inputs!r}"))
     return problems
@@ -318,7 +327,9 @@ def _server_type(host: HostArgs) -> str | None:
     if host.server_type is not None or host.existing_server is None:
         return host.server_type
     if isinstance(host.existing_server, int):
-        return str(hcloud.get_server(id=host.existing_server).server_type)
+        found = hcloud.get_server(id=host.existing_server)
+        _same_name(host.name, [host.existing_server, found.name])  # named at preview, by its config key
+        return str(found.server_type)
     return None
 
 
@@ -336,6 +347,9 @@ def host_systems(hosts: list[HostArgs]) -> tuple[dict[str, str], list[validation
     for i, host in enumerate(hosts):
         try:
             server_type = _server_type(host)
+        except InvalidArgs as exc:
+            problems += [(f"hosts[{i}].{prop}", reason) for prop, reason in exc.problems]
+            continue
         except Exception as exc:  # the invoke's error names the server
             problems.append((f"hosts[{i}].existing_server", f"cannot read the server: {exc}"))
             continue

@@ -392,7 +392,10 @@ class LocalEngine(pulumi_mocks.Mocks):
                 return {}, [("name", f"no server type named {args.args.get('name')!r}")]
             return {"id": st.id, "name": st.name, "architecture": st.architecture, "cores": st.cores}, []
         if args.token == HCLOUD_GET_SERVER:
-            server = self.hcloud.servers.get_by_id(int(args.args["id"]))
+            try:
+                server = self.hcloud.servers.get_by_id(int(args.args["id"]))
+            except APIException as exc:  # as pulumi-hcloud fails the invoke: the program names the config key
+                return {}, [("id", f"{exc.message} ({exc.code})")]
             return {**self._server_outputs(server, {}), "id": server.id, "name": server.name}, []
         raise UpFailed(f"unsupported invoke {args.token}")
 

@@ -332,7 +332,17 @@ def test_an_existing_server_with_another_name_is_refused(engine: LocalEngine, si
         location=Location(name="fsn1"),
     )  # fmt: skip
     made.action.wait_until_finished()
-    args = with_hosts(sim, [HostArgs(name="nm-1", flake=FLAKE, existing_server=made.server.id)])
-    with pytest.raises(UpFailed, match="is named 'other-name', not 'nm-1'"):
+    image = {"flake": FLAKE, "attr": demo_args(1).image.attr, "nixArgs": demo_args(1).image.nix_args}
+    config = [{"name": "nm-1", "flake": FLAKE, "existingServer": made.server.id}]
+    args = fleet_args_from_config(image, config, None, sim.ssh_port)
+    with pytest.raises(UpFailed) as refused:
         engine.preview(lambda: declare(args, name="nm"))
+    text = str(refused.value)
+    assert f"nix-dabei:hosts[0].existingServer: server {made.server.id} is named 'other-name', not 'nm-1'" in text
+    assert "While processing input" not in text, "named by the config key, not inside an output's apply"
+    config[0]["existingServer"] = 999999
+    with pytest.raises(UpFailed) as missing:
+        engine.preview(lambda: declare(fleet_args_from_config(image, config, None, sim.ssh_port), name="nm"))
+    assert "nix-dabei:hosts[0].existingServer: cannot read the server:" in str(missing.value)
+    assert "not_found" in str(missing.value)
     api.servers.get_by_id(made.server.id).delete()
