@@ -42,12 +42,21 @@ class HostError(Exception):
     """One host could not complete the step; the text is safe to show (no secrets)."""
 
 
+class HostUntouched(HostError):
+    """A host the step left as it was because others failed first (a rollout that stopped)."""
+
+
 class StepError(Exception):
-    def __init__(self, step: str, failures: Mapping[str, str], total: int) -> None:
-        lines = [f"{step} failed on {len(failures)} of {total} host(s):"]
+    """A step that did not finish on every host: `failures` by host, those `untouched` among them."""
+
+    def __init__(self, step: str, failures: Mapping[str, str], total: int, untouched: frozenset[str] = frozenset()):
+        failed = len(failures) - len(untouched)
+        more = f", {len(untouched)} more left untouched" if untouched else ""
+        lines = [f"{step} failed on {failed} of {total} host(s){more}:"]
         lines += [f"  {name}: {reason}" for name, reason in sorted(failures.items())]
         super().__init__("\n".join(lines))
         self.failures = dict(failures)
+        self.untouched = untouched
 
 
 @dataclass
@@ -351,6 +360,8 @@ class FleetStep(ResourceProvider):
             return {}
         deadline = time.monotonic() + float(props.get("deadline_seconds") or 1800)
 
+        untouched: set[str] = set()
+
         async def guarded(name: str) -> tuple[str, dict[str, Any] | None, str | None]:
             ctx = HostContext(name=name, step=self.step, deadline=deadline, old=(olds or {}).get(name))
             host = self.with_upstream(props, hosts, name)
@@ -360,6 +371,8 @@ class FleetStep(ResourceProvider):
             except TimeoutError:
                 return name, None, f"not done within the step's deadline of {props.get('deadline_seconds')} s"
             except HostError as exc:
+                if isinstance(exc, HostUntouched):
+                    untouched.add(name)
                 return name, None, str(exc)
             except Exception as exc:  # a bug or an unexpected failure: still name the host
                 return name, None, f"{type(exc).__name__}: {exc}"
@@ -375,5 +388,5 @@ class FleetStep(ResourceProvider):
         if failures:
             for name, err in sorted(failures.items()):
                 pulumi.log.error(f"[{name}] {self.step}: {err}")
-            raise StepError(self.step, failures, len(todo))
+            raise StepError(self.step, failures, len(todo), frozenset(untouched))
         return {name: result for name, result, _ in outcome if result is not None}

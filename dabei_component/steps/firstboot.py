@@ -33,7 +33,7 @@ from pulumi.dynamic import CheckFailure, CheckResult
 
 from .. import flakes, rollout
 from ..ssh import CommandResult, HostKeyMismatch, SshError, connect, run
-from .base import FleetStep, HostContext, HostError, host_address, is_unknown, secret_options
+from .base import FleetStep, HostContext, HostError, HostUntouched, host_address, is_unknown, secret_options
 from .install import host_flake
 from .rescue import wants_install
 
@@ -373,7 +373,7 @@ class FirstBootProvider(FleetStep):
             try:
                 await gate.enter(ctx.name)
             except rollout.HostNotTouched as exc:
-                raise HostError(str(exc)) from None
+                raise HostUntouched(str(exc)) from None
             number, total = gate.position(ctx.name)
             ok = False
             try:

@@ -149,6 +149,7 @@ def test_a_config_that_locks_out_ssh_is_rolled_back_on_the_first_host_and_the_ro
     assert os.readlink(root / "nix/var/nix/profiles/system-2-link").endswith(f"-nixos-system-{first}")
     assert confirm_record(root)["state"] == "rolled-back"
     # The rollout stopped: the other hosts were never switched.
+    assert "firstboot failed on 1 of 3 host(s), 2 more left untouched:" in text
     for name in (second, third):
         assert f"{name}: not updated: batch 1 of 3 ({first} failed) stopped the rollout" in text
         other = rootfs(sim, stack, name)
