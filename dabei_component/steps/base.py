@@ -292,11 +292,11 @@ class FleetStep(ResourceProvider):
         results = self._run(news, hosts, todo, old_hosts)
         for name in hosts:
             if name not in todo:
-                results[name] = self.keep(old_hosts[name], hosts[name])
+                results[name] = self.keep(old_hosts[name], hosts[name], news)
             results[name]["reinstalls"] = reinstall_requests(old_hosts.get(name), hosts[name])
         return UpdateResult(self._outputs(news, results))
 
-    def keep(self, old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    def keep(self, old: Mapping[str, Any], new: Mapping[str, Any], props: Mapping[str, Any]) -> dict[str, Any]:
         """Outputs of a host that `update` left alone: its new inputs over what it recorded, except the
         fields that would have made it act (a reinstall held back by policy): those keep their recorded
         values, so the preview keeps showing the pending change."""

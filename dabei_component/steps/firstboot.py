@@ -77,10 +77,12 @@ def needs_switch(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
 
 
 def built_source(old: Mapping[str, Any]) -> str | None:
-    """The content hash of the source a host built: recorded with evaluation off, else in its `host_ref`
-    (`path:/var/lib/nix-dabei/flakes/<id>?narHash=<hash>`)."""
-    if old.get("source"):
-        return str(old["source"])
+    """The content hash of the newest source known to build the system a host runs: recorded with
+    evaluation off (`source`), or when an update evaluated it to the system the host runs (`system_source`),
+    else the one it built (in its `host_ref`: `path:/var/lib/nix-dabei/flakes/<id>?narHash=<hash>`)."""
+    for field in ("source", "system_source"):
+        if old.get(field):
+            return str(old[field])
     hashes = parse_qs(urlsplit(str(old.get("host_ref") or "")).query).get("narHash")
     return hashes[0] if hashes else None
 
@@ -208,6 +210,17 @@ class FirstBootProvider(FleetStep):
             text = "; then ".join(", ".join(batch) for batch in batches)
             pulumi.log.info(f"firstboot: in-place rollout in {len(batches)} batch(es): {text}")
         return {_GATE: rollout.RolloutGate(batches)}
+
+    def keep(self, old: Mapping[str, Any], new: Mapping[str, Any], props: Mapping[str, Any]) -> dict[str, Any]:
+        """A host left alone whose evaluated system is the one it runs: the current source builds that
+        system too (`system_source`), so turning evaluation off later does not switch it again."""
+        kept = super().keep(old, new, props)
+        if "source" not in new:  # evaluation is on again: a source recorded while it was off is stale
+            kept.pop("source", None)
+        source = (props.get("sources") or {}).get(new.get("flake"))
+        if source and new.get("system") and new.get("system") == old.get("system"):
+            kept["system_source"] = source["nar_hash"]
+        return kept
 
     @staticmethod
     def _in_place(old: Mapping[str, Any] | None, host: Mapping[str, Any]) -> bool:

@@ -163,13 +163,3 @@ def test_check_puts_the_in_place_batches_into_the_inputs() -> None:
     assert checked.inputs["rollout"] == {"max_unavailable": "50%", "confirm_seconds": 60.0, "batches": [["a", "c"]]}
     # Nothing to switch: no batches.
     assert provider.check(old, dict(old)).inputs["rollout"]["batches"] == []
-
-
-def test_a_confirmation_window_longer_than_the_first_boot_deadline_is_refused() -> None:
-    hosts = [{"name": "web-1", "serverType": "cx22", "location": "fsn1", "flake": "github:me/infra"}]
-    args = fleet_args_from_config({"flake": "."}, hosts, {"firstboot": 600}, rollout={"confirmSeconds": 3000})
-    [(prop, reason)] = validate(args)
-    assert config_key(prop) == "nix-dabei:rollout.confirmSeconds"
-    assert reason.startswith("3000 s is not shorter than deadlines.firstboot (600 s)")
-    args.rollout.confirm_seconds = 120
-    assert validate(args) == []

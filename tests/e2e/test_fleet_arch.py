@@ -237,6 +237,9 @@ def test_turning_evaluation_off_and_on_switches_no_host(engine: LocalEngine, sim
     for host in args.hosts:
         host.flake = str(flake)
     up(engine, args, "tg")
+    # One host's file changes: only that host switches, and the other now runs what the new source builds.
+    (flake / "hosts" / "tg-2.nix").write_text('{ system = "x86_64-linux"; motd = "edited"; }\n')
+    up(engine, args, "tg")
     booted = step_hosts(engine, "tg", "firstboot")
     args.evaluate = False
     assert preview(engine, args, "tg") == {}, "the sources are the ones the hosts built"
