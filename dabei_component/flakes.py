@@ -120,9 +120,12 @@ def lock(
     docstring; `nix flake archive --json --dry-run` names their store paths, nothing is fetched). Raises
     FlakeError."""
     cwd, arg, directory = base_dir, ref, None
-    as_path = ref.startswith("path:") and not any(c in ref for c in "?#")
-    if is_local_path(ref) or as_path:
-        directory = Path(base_dir, unquote(ref.removeprefix("path:"))).resolve()
+    # `path:X` and `git+file:X` without a query are directories too (relative ones against `base_dir`).
+    plain = not any(c in ref for c in "?#")
+    as_path = ref.startswith("path:") and plain
+    if is_local_path(ref) or as_path or (ref.startswith("git+file:") and plain):
+        where = unquote(ref.removeprefix("path:").removeprefix("git+file:"))
+        directory = Path(base_dir, "/" + where.lstrip("/") if where.startswith("//") else where).resolve()
         if not directory.is_dir():
             raise FlakeError(f"{ref!r} is not a directory (resolved against {base_dir}: {directory})")
         if not (directory / "flake.nix").is_file():
@@ -131,8 +134,11 @@ def lock(
         cwd, arg = (str(directory), "path:.") if as_path else _path_ref(directory)
     try:
         meta = json.loads(_nix(["flake", "metadata", "--json", arg], list(nix_args), cwd))
+        url = str(meta["url"])
+        if as_path and url.startswith("path:."):  # read as `.` from the directory: name it
+            url = f"path:{quote(str(directory))}{url[len('path:.') :]}"
         locked = LockedFlake(
-            url=str(meta["url"]),
+            url=url,
             nar_hash=str(meta["locked"]["narHash"]),
             path=str(meta["path"]),
             directory=str(directory or ""),

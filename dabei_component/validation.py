@@ -42,15 +42,24 @@ def hostname(prop: str, value: Any) -> list[Problem]:
 
 
 def flake_ref(prop: str, value: Any) -> list[Problem]:
-    if not isinstance(value, str) or not _FLAKE_REF.match(value):
-        return [
-            (
-                prop,
-                f"expected a flake reference without '#' such as github:owner/repo or git+https://host/repo, "
-                f"got {value!r}",
-            )
-        ]
-    return []
+    """A flake reference as Nix takes it, without `#` (the component adds the host's attribute)."""
+    if isinstance(value, str) and _FLAKE_REF.match(value):
+        return []
+    hint = ""
+    if isinstance(value, str):
+        if "#" in value:
+            hint = "; leave out '#…': the component builds <flake>#<host name>"
+        elif re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", value):
+            hint = f"; a directory is written ./{value}"
+        elif any(c.isspace() for c in value):
+            hint = "; a URL has no spaces: write a directory with one as ./my dir or path:./my dir"
+    return [
+        (
+            prop,
+            "expected a flake reference: a URL such as github:owner/repo or git+https://host/repo, or a "
+            f"directory such as . or ./infra, got {value!r}{hint}",
+        )
+    ]
 
 
 def ssh_key_entry(value: Any) -> PublicKey | str | int:

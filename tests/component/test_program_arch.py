@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dabei_component.component import ImageArgs, InvalidArgs
+from dabei_component.component import ImageArgs, InvalidArgs, validate
 from dabei_component.program import fleet_args_from_config
 
 HOSTS = [{"name": "web-1", "serverType": "cax11", "location": "fsn1", "flake": "."}]
@@ -39,3 +39,17 @@ def test_send_inputs_reads_local_or_all_and_names_anything_else() -> None:
         with pytest.raises(InvalidArgs) as bad:
             fleet_args_from_config({"flake": "."}, HOSTS, send_inputs=value)
         assert "nix-dabei:sendInputs" in str(bad.value) and shown in str(bad.value), str(bad.value)
+
+
+@pytest.mark.parametrize(
+    ("flake", "hint"),
+    [
+        ("infra", "a directory is written ./infra"),
+        (".#web-1", "leave out '#…': the component builds <flake>#<host name>"),
+        ("git+file:./my infra", "write a directory with one as ./my dir or path:./my dir"),
+    ],
+)
+def test_a_flake_written_as_users_often_do_is_refused_with_the_form_that_works(flake: str, hint: str) -> None:
+    args = fleet_args_from_config({"flake": "github:me/infra"}, [{**HOSTS[0], "flake": flake}])
+    [(prop, reason)] = validate(args)
+    assert prop == "hosts[0].flake" and reason.endswith(hint), reason

@@ -297,6 +297,9 @@ def test_local_flake_mistakes_are_named_with_what_to_do(engine: LocalEngine, sim
     one.base_dir = str(tmp_path)
     assert preview(engine, one, "lm")["lm-firstboot"][0] == CREATE
     assert plain.is_dir()
+    # `git+file:` with a relative path: the repository as Nix reads it, against the project.
+    one.hosts[0].flake = "git+file:./my infra".replace(" ", "%20")
+    assert preview(engine, one, "lm")["lm-firstboot"][0] == CREATE
 
 
 def test_an_unknown_server_type_is_named_by_its_config_key(engine: LocalEngine, sim: SimHandle) -> None:
