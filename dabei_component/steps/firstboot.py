@@ -218,7 +218,8 @@ class FirstBootProvider(FleetStep):
         if "source" not in new:  # evaluation is on again: a source recorded while it was off is stale
             kept.pop("source", None)
         source = (props.get("sources") or {}).get(new.get("flake"))
-        if source and new.get("system") and new.get("system") == old.get("system"):
+        same_system = new.get("system") and new.get("system") == old.get("system")
+        if source and same_system and source["nar_hash"] != built_source(old):
             kept["system_source"] = source["nar_hash"]
         return kept
 

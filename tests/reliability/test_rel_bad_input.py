@@ -177,7 +177,7 @@ BAD_STEP_INPUTS: dict[str, tuple[str, Callable[[dict[str, Any]], None], str, str
     "hostname-uppercase": ("rescue", rename_host("Web_1"), "hosts.Web_1", "not a valid hostname"),
     "hostname-too-long": ("install", rename_host("a" * 64), "hosts." + "a" * 64, "1-63 lowercase letters"),
     "hostname-mismatch": ("firstboot", set_host(hostname="web-9"), "hosts.web-1.hostname", "the host's name 'web-1'"),
-    "flake-with-attr": ("firstboot", set_host(flake="github:o/r#web-1"), "hosts.web-1.flake", "without '#'"),
+    "flake-with-attr": ("firstboot", set_host(flake="github:o/r#web-1"), "hosts.web-1.flake", "leave out '#…'"),
     "flake-spaces": ("install", set_host(flake="not a flake"), "hosts.web-1.flake", "flake reference"),
     "flake-empty": ("rescue", set_host(flake=""), "hosts.web-1.flake", "flake reference"),
     "flake-missing": ("firstboot", drop_host_field("flake"), "hosts.web-1.flake", "required"),
