@@ -228,7 +228,8 @@ if [ -e "$work/result" ]; then cat "$work/result"; else echo "error=no stream re
 for log in "$work"/relay-*.log; do
     [ -s "$log" ] || continue
     name=${log##*/relay-}
-    echo "relay_error.${name%.log}=$(tail -c 800 "$log" | tr -s '\r\n' '  ')"
+    # One line: the log's lines joined by "; " (ssh's own error, then the exit status).
+    echo "relay_error.${name%.log}=$(tail -c 800 "$log" | tr -d '\r' | grep -v '^$' | paste -sd ';' - | sed 's/;/; /g')"
 done
 """
 

@@ -379,6 +379,10 @@ async def change_protection(request: web.Request) -> web.Response:
     changes: dict[str, bool] = {k: body[k] for k in ("delete", "rebuild") if k in body}
     if not all(isinstance(v, bool) for v in changes.values()):
         raise invalid_input({k: ["must be a boolean"] for k in changes})
+    # The API's ServerProtection: "currently delete and rebuild attribute needs to have the same value".
+    after = {**server.protection, **changes}
+    if after.get("delete", False) != after.get("rebuild", False):
+        raise invalid_input({k: ["delete and rebuild protection need to have the same value"] for k in changes})
 
     async def work() -> None:
         server.protection.update(changes)

@@ -109,6 +109,8 @@ def test_a_relay_that_meets_another_host_key_is_refused_and_cleaned_up(
     # The relaying host refused the new key (OpenSSH names the key it was sent), nothing was relayed.
     assert "[rekey-3] install: write attempt 1 failed: writing /dev/sda: no stream reached the host" in log
     assert "(relayed from rekey-1: " in log and "key sent by the remote host" in log
+    # ssh's own lines, then its exit status, each readable: joined by "; ".
+    assert "Host key verification failed.; the relay's ssh exited with status 255" in log
     servers = [rec for key, rec in engine.state.items() if key.startswith(HCLOUD_SERVER) and "rekey" in key]
     assert len(servers) == 3
     # The ephemeral key is gone from every rescue system, the failed one included.

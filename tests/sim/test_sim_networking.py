@@ -62,6 +62,8 @@ def test_server_settings_show_in_the_api_and_the_control_view(sim: Simulator, cl
     other = _create(client, "web-3", location=Location(name="fsn1"))
     with pytest.raises(APIException, match="not available"):
         other.attach_to_network(net, ip="10.0.1.5")
+    with pytest.raises(APIException, match=r"invalid input in field\(s\): delete"):
+        seen.change_protection(delete=False)  # the API protects against deletion and rebuild together
     seen.change_protection(delete=False, rebuild=False).wait_until_finished()
     seen.delete().wait_until_finished()
     assert client.primary_ips.get_by_id(primary.id).assignee_id is None
