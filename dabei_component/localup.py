@@ -88,6 +88,16 @@ def _unwrap_secrets(value: Any) -> Any:
     return value
 
 
+def _without_secrets(value: Any) -> Any:
+    if rpc.is_rpc_secret(value):
+        return SECRET_SHOWN
+    if isinstance(value, dict):
+        return {k: _without_secrets(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_secrets(v) for v in value]
+    return value
+
+
 def _holds_secret(value: Any) -> bool:
     if rpc.is_rpc_secret(value):
         return True
@@ -157,10 +167,45 @@ class Recorded:
     # Outputs the engine stores encrypted: `additional_secret_outputs`, outputs named like a secret input
     # (the engine keeps the secret bit for providers that do not accept secrets), and `__provider`.
     secret_outputs: list[str] = field(default_factory=list)
+    # Paths of the inputs that were secret in the program (the engine keeps them encrypted, also when a
+    # provider's Check hands them back without the secret bit: `annotateSecrets`, provider_plugin.go).
+    secret_inputs: list[list[str | int]] = field(default_factory=list)
 
     def plain_outputs(self) -> dict[str, Any]:
         """The outputs as the state stores them in plain text."""
         return {k: v for k, v in self.outputs.items() if k not in self.secret_outputs and k != PROVIDER_KEY}
+
+    def plain_inputs(self) -> dict[str, Any]:
+        """The inputs as the state stores them in plain text: all but the values that were secret, at any
+        depth (the engine encrypts those)."""
+        plain = _without_secrets(self.inputs)
+        for path in self.secret_inputs:
+            _mask(plain, path)
+        return plain
+
+
+def _secret_paths(value: Any, prefix: tuple[str | int, ...] = ()) -> list[list[str | int]]:
+    """The paths of the secret values in `value` (RPC secret wrappers), outermost first."""
+    if rpc.is_rpc_secret(value):
+        return [list(prefix)]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _secret_paths(v, (*prefix, k))]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _secret_paths(v, (*prefix, i))]
+    return []
+
+
+def _mask(value: Any, path: list[str | int]) -> None:
+    """Replace the value at `path` (when it is there) with the secret placeholder."""
+    *parents, last = path
+    for part in parents:
+        try:
+            value = value[part]
+        except (KeyError, IndexError, TypeError):
+            return
+    in_dict = isinstance(value, dict) and last in value
+    if in_dict or (isinstance(value, list) and isinstance(last, int) and last < len(value)):
+        value[last] = SECRET_SHOWN
 
 
 @dataclass
@@ -346,6 +391,7 @@ class LocalEngine(pulumi_mocks.Mocks):
         secret = {*options.get("secret_outputs", []), *(k for k, v in inputs.items() if rpc.is_rpc_secret(v))}
         rec = Recorded("", inputs, {}, args.typ, args.name, options.get("parent"), options.get("dependencies", []))
         rec.secret_outputs = sorted(secret)
+        rec.secret_inputs = _secret_paths(inputs)
         try:
             if args.typ == DYNAMIC:
                 op, rec = self._dynamic(key, rec, old)
@@ -364,7 +410,11 @@ class LocalEngine(pulumi_mocks.Mocks):
         except Exception as exc:
             self.errors.append(f"{args.name}: {exc}")
             raise
-        return rec.id or None, rec.outputs
+        # As the engine does: outputs it stores encrypted come back to the program as secrets, so the
+        # inputs made of them are secrets too.
+        return rec.id or None, {
+            k: rpc.wrap_rpc_secret(v) if k in rec.secret_outputs else v for k, v in rec.outputs.items()
+        }
 
     def call(self, args: pulumi_mocks.MockCallArgs) -> tuple[dict[str, Any], list[tuple[str, str]] | None]:
         """The invokes of pulumi-hcloud the component makes, answered as pulumi-hcloud answers them."""

@@ -54,8 +54,10 @@ def secrets(sim: SimThread, stack: Stack) -> list[str]:
 
 
 def non_secret_state(stack: Stack) -> str:
-    """The state as stored in plain text: every output but the ones marked secret (and the provider)."""
-    return json.dumps({key: r.plain_outputs() for key, r in stack.state.items()}, default=str)
+    """The state as stored in plain text: every input and output but the ones marked secret (and the
+    provider)."""
+    plain = {key: {"inputs": r.plain_inputs(), "outputs": r.plain_outputs()} for key, r in stack.state.items()}
+    return json.dumps(plain, default=str)
 
 
 def machine_logs(sim: SimThread) -> str:
