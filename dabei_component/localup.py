@@ -88,16 +88,6 @@ def _unwrap_secrets(value: Any) -> Any:
     return value
 
 
-def _without_secrets(value: Any) -> Any:
-    if rpc.is_rpc_secret(value):
-        return SECRET_SHOWN
-    if isinstance(value, dict):
-        return {k: _without_secrets(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_without_secrets(v) for v in value]
-    return value
-
-
 def _holds_secret(value: Any) -> bool:
     if rpc.is_rpc_secret(value):
         return True
@@ -178,8 +168,8 @@ class Recorded:
     def plain_inputs(self) -> dict[str, Any]:
         """The inputs as the state stores them in plain text: all but the values that were secret, at any
         depth (the engine encrypts those)."""
-        plain = _without_secrets(self.inputs)
-        for path in self.secret_inputs:
+        plain = _unwrap_secrets(self.inputs)  # a copy
+        for path in [*self.secret_inputs, *_secret_paths(self.inputs)]:
             _mask(plain, path)
         return plain
 
