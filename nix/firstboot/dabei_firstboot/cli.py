@@ -13,8 +13,9 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import grow as growlib
 from . import rollback
@@ -64,34 +65,36 @@ def find_seed_device(config: Config) -> str:
 SEED_READ_ATTEMPTS = 10
 SEED_READ_PAUSE_SECONDS = 0.5
 SEED_WIPE_ATTEMPTS = 3
+T = TypeVar("T")
 
 
-def _read_seed(config: Config, log: Log, attempts: int) -> tuple[str, dict[str, Any]]:
-    """Find and decode the seed; SeedEmpty at once, other SeedErrors after ``attempts`` tries."""
+def _retried(what: str, attempts: int, log: Log, action: Callable[[], T]) -> T:
+    """`action` until it succeeds, at most ``attempts`` tries apart; SeedEmpty (nothing to read) at once."""
     for attempt in range(1, attempts + 1):
         try:
-            device = find_seed_device(config)
-            return device, seedlib.read_seed(device)
+            return action()
         except seedlib.SeedEmpty:
             raise
         except seedlib.SeedError as exc:
             if attempt == attempts:
                 raise
-            log(f"reading the seed failed (attempt {attempt}/{attempts}), trying again: {exc}")
+            log(f"{what} failed (attempt {attempt}/{attempts}), trying again: {exc}")
             time.sleep(SEED_READ_PAUSE_SECONDS)
     raise AssertionError("unreachable")
 
 
+def _read_seed(config: Config, log: Log, attempts: int) -> tuple[str, dict[str, Any]]:
+    """Find and decode the seed; SeedEmpty at once, other SeedErrors after ``attempts`` tries."""
+
+    def read() -> tuple[str, dict[str, Any]]:
+        device = find_seed_device(config)
+        return device, seedlib.read_seed(device)
+
+    return _retried("reading the seed", attempts, log, read)
+
+
 def _wipe(device: str, log: Log) -> None:
-    for attempt in range(1, SEED_WIPE_ATTEMPTS + 1):
-        try:
-            seedlib.wipe_seed(device)
-            return
-        except seedlib.SeedError as exc:
-            if attempt == SEED_WIPE_ATTEMPTS:
-                raise
-            log(f"wiping the seed failed (attempt {attempt}/{SEED_WIPE_ATTEMPTS}), trying again: {exc}")
-            time.sleep(SEED_READ_PAUSE_SECONDS)
+    _retried("wiping the seed", SEED_WIPE_ATTEMPTS, log, lambda: seedlib.wipe_seed(device))
 
 
 def _read_record(path: Path) -> dict[str, Any]:
